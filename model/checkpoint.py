@@ -1,0 +1,184 @@
+"""Checkpoints in the layout of the released Ouro models, so a downloaded Ouro folder loads unchanged.
+
+A folder holds `config.json` (model_type "ouro"), the weights as safetensors (one `model.safetensors`, or
+`model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json` above a size threshold) and,
+when given, the tokenizer as `tokenizer.json`. Tensor names are the model's `state_dict()` keys, which are the
+Ouro names (`model.layers.{i}.self_attn.q_proj.weight`, ...). With tied embeddings `lm_head.weight` is absent.
+
+Loading reads safetensors only: nothing is ever unpickled. Every tensor is checked against the config before
+any is used: a missing, unexpected, misshapen or wrongly typed tensor is an error that names it. Saving writes
+into a temporary sibling folder and renames it into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LoopLMConfig
+from .looplm import LoopLM
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not hold a loadable LoopLM; the message names what is wrong."""
+
+
+def _state_to_save(model: LoopLM) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_pretrained(
+    model: LoopLM,
+    directory: str | Path,
+    *,
+    tokenizer=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write config.json, safetensors (sharded above max_shard_bytes) and tokenizer.json when given."""
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = _state_to_save(model)
+        dtypes = {t.dtype for t in state.values()}
+        if len(dtypes) != 1:
+            raise CheckpointError(f"model mixes dtypes {sorted(map(str, dtypes))}; cast it to one first")
+        dtype = dtypes.pop()
+        config = {**model.config.to_hf_dict(), "torch_dtype": _DTYPE_NAMES[dtype]}
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        shards = _shards(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], staging / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, staging / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(str(staging / "tokenizer.json"))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_config(directory: str | Path) -> LoopLMConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: not a checkpoint folder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    return LoopLMConfig.from_hf_dict(data)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    elif (directory / SINGLE_FILE).is_file():
+        files = [directory / SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_NAME}")
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"weight file {file} listed in {INDEX_NAME} is missing")
+    return files
+
+
+def load_pretrained(
+    directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> LoopLM:
+    """Load a checkpoint folder; dtype None keeps the checkpoint's own dtype."""
+    directory = Path(directory)
+    config = load_config(directory)
+    with torch.device("meta"):
+        skeleton = LoopLM(config)
+    expected = {name: t.shape for name, t in skeleton.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(directory):
+        with safe_open(str(file), framework="pt", device="cpu") as reader:
+            for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name!r} appears in more than one weight file")
+                tensors[name] = reader.get_tensor(name)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing tensor(s): {', '.join(missing)}")
+    if unexpected:
+        raise CheckpointError(f"checkpoint {directory} has unexpected tensor(s): {', '.join(unexpected)}")
+    file_dtype = _declared_dtype(directory, config, tensors)
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name]:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name])}"
+            )
+        if tensor.dtype != file_dtype:
+            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, the checkpoint is {file_dtype}")
+
+    target_dtype = dtype or file_dtype
+    state = {name: t.to(device=device, dtype=target_dtype) for name, t in tensors.items()}
+    model = skeleton
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _declared_dtype(directory: Path, config: LoopLMConfig, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The checkpoint's dtype: config.json's torch_dtype, else that of its embedding."""
+    declared = json.loads((directory / CONFIG_NAME).read_text()).get("torch_dtype")
+    if declared is None:
+        return tensors["model.embed_tokens.weight"].dtype
+    if declared not in _DTYPES:
+        raise CheckpointError(f"config.json torch_dtype {declared!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[declared]

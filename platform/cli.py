@@ -1,0 +1,44 @@
+"""The `looplm` command: one subcommand per thing a user runs.
+
+    looplm demo                       the embedded end-to-end demo (what `make demo` runs)
+    looplm curate CONFIG [k=v ...]    curate raw text into Megatron indexed datasets (Ray Data)
+    looplm train CONFIG [k=v ...]     pretrain on megatron-core, launched on Ray Train
+    looplm eval CONFIG [k=v ...]      evaluate a checkpoint or registered model, tracked in MLflow
+    looplm mlflow                     start an MLflow tracking server on 127.0.0.1
+
+Each subcommand imports its module only when it runs, so `looplm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function, help). The function takes the parsed argparse namespace.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("looplm.platform.demo", "run_from_args", "run the embedded end-to-end demo"),
+}
+WITH_CONFIG = {"curate", "train", "eval"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looplm", description="Looped language models, raw text to endpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, _, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if name in WITH_CONFIG:
+            command.add_argument("config", help="experiment YAML file")
+            command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+        command.add_argument("--output", help="output folder (default: under ./runs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, function, _ = COMMANDS[args.command]
+    return int(getattr(importlib.import_module(module), function)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
