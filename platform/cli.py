@@ -18,6 +18,10 @@ import sys
 # subcommand -> (module, function, help). The function takes the parsed argparse namespace.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("looplm.platform.demo", "run_from_args", "run the embedded end-to-end demo"),
+    "curate": ("looplm.pipelines.curate", "run_from_args", "curate raw text into Megatron indexed datasets"),
+    "train": ("looplm.pipelines.pretrain", "run_from_args", "pretrain on megatron-core via Ray Train"),
+    "eval": ("looplm.pipelines.evaluate", "run_from_args", "evaluate a checkpoint or registered model"),
+    "mlflow": ("looplm.infra.mlflow_server", "run_from_args", "start an MLflow tracking server on 127.0.0.1"),
 }
 WITH_CONFIG = {"curate", "train", "eval"}
 
