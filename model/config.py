@@ -53,8 +53,7 @@ class LoopLMConfig:
             raise ConfigError(f"total_ut_steps (T) must be at least 1, got {self.total_ut_steps}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
-                f"num_attention_heads ({self.num_attention_heads}) does not divide "
-                f"hidden_size ({self.hidden_size})"
+                f"num_attention_heads ({self.num_attention_heads}) does not divide hidden_size ({self.hidden_size})"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(

@@ -79,9 +79,7 @@ def step_cdf(survival_before: torch.Tensor, gate_logit: torch.Tensor, last: bool
     return cdf, survival
 
 
-def select_exit_steps(
-    hidden_states: list[torch.Tensor], gate_logits: torch.Tensor, policy: ExitPolicy
-) -> torch.Tensor:
+def select_exit_steps(hidden_states: list[torch.Tensor], gate_logits: torch.Tensor, policy: ExitPolicy) -> torch.Tensor:
     """The 1-indexed exit step of every position of a full forward pass (all T steps computed)."""
     steps = len(hidden_states)
     exit_step = torch.full(gate_logits.shape[:-1], steps, dtype=torch.long, device=gate_logits.device)

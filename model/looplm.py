@@ -251,8 +251,7 @@ class LoopLM(nn.Module):
         batch, seq = input_ids.shape
         if seq > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {seq} tokens is longer than the context "
-                f"({self.config.max_position_embeddings} positions)"
+                f"sequence of {seq} tokens is longer than the context ({self.config.max_position_embeddings} positions)"
             )
         h = self.model.embed_tokens(input_ids)
         positions, mask = positions_and_mask(attention_mask, batch, seq, input_ids.device)

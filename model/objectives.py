@@ -44,9 +44,9 @@ class LossOutput:
 
 def _token_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = lm_head(h).float()
-    return F.cross_entropy(
-        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(labels)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none").view_as(
+        labels
+    )
 
 
 def step_token_losses(model: LoopLM, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
