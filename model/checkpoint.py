@@ -94,9 +94,14 @@ def save_pretrained(
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(str(staging / "tokenizer.json"))
+        # Swap in the finished folder; an old checkpoint is moved aside first and removed only afterwards.
+        retired = None
         if target.exists():
-            shutil.rmtree(target)
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, retired)
         os.replace(staging, target)
+        if retired is not None:
+            shutil.rmtree(retired)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

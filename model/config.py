@@ -149,6 +149,8 @@ class LoopLMConfig:
             if key not in kwargs:
                 raise ConfigError(f"config.json is missing {key!r}")
         kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
+        if kwargs.get("head_dim") == kwargs["hidden_size"] // kwargs["num_attention_heads"]:
+            kwargs["head_dim"] = None  # the default, written out explicitly in config.json
         return cls(**kwargs)
 
 

@@ -2,7 +2,8 @@
 
 - StaticExit(k): always stop at step k (or at T if k > T).
 - QExit(q): stop at the first t whose cumulative exit probability CDF(t) = 1 - prod_{j<=t}(1 - lambda_j)
-  reaches q. CDF(T) = 1 by definition, so q = 1 runs all T steps and q -> 0 stops at step 1.
+  reaches q. CDF(T) = 1 by definition, so q = 1 runs all T steps and q -> 0 stops at step 1. (q = 1 runs
+  all T steps even where a saturated gate rounds lambda_t to exactly 1 and CDF(t < T) to 1 in floating point.)
 - HiddenDiffExit(eps): stop at the first t >= 2 with ||h_t - h_{t-1}||_2 < eps.
 
 Every policy stops at the last step. The same `exits` decision serves decoding (where the steps after the exit
@@ -37,6 +38,8 @@ class QExit:
             raise ValueError(f"Q-exit threshold must lie in [0, 1], got {self.threshold}")
 
     def exits(self, t: int, cdf: torch.Tensor, h: torch.Tensor, h_prev: torch.Tensor | None) -> torch.Tensor:
+        if self.threshold >= 1.0:
+            return torch.zeros_like(cdf, dtype=torch.bool)  # the caller stops every token at step T
         return cdf >= self.threshold
 
 

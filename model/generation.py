@@ -21,10 +21,12 @@ from .looplm import LoopLM, positions_and_mask
 @dataclass
 class GenerationOutput:
     """Per sequence: the new tokens (a stop token is not included), the exit step (1..T) of each new
-    token, and why it ended: "stop" (a stop token) or "length" (max_new_tokens or the context)."""
+    token, its log-probability under the exit step's distribution (before temperature), and why it ended:
+    "stop" (a stop token) or "length" (max_new_tokens or the context)."""
 
     tokens: list[list[int]]
     exit_steps: list[list[int]]
+    logprobs: list[list[float]]
     finish_reasons: list[str]
     num_steps: int
 
@@ -118,9 +120,10 @@ def generate(
 
     tokens: list[list[int]] = [[] for _ in range(batch)]
     exit_log: list[list[int]] = [[] for _ in range(batch)]
+    logprob_log: list[list[float]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     if budget == 0:
-        return GenerationOutput(tokens, exit_log, reasons, steps)
+        return GenerationOutput(tokens, exit_log, logprob_log, reasons, steps)
 
     # Prefill: all T steps over the prompt, every step's keys and values kept for the cache.
     out = model(ids, steps, attention_mask=prompt_mask, return_logits=False, return_kv=True)
@@ -148,16 +151,24 @@ def generate(
     running = torch.arange(batch, device=device)  # sequences still generating
 
     for i in range(budget):
-        next_tokens = sample_next(model.lm_head(final_h), temperature, top_k, top_p, generator)
+        logits = model.lm_head(final_h)
+        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, next_tokens[:, None])[:, 0]
         is_stop = torch.isin(next_tokens, stops)
-        for row, token, step, stop in zip(
-            running.tolist(), next_tokens.tolist(), exit_steps.tolist(), is_stop.tolist(), strict=True
+        for row, token, step, logprob, stop in zip(
+            running.tolist(),
+            next_tokens.tolist(),
+            exit_steps.tolist(),
+            logprobs.tolist(),
+            is_stop.tolist(),
+            strict=True,
         ):
             if stop:
                 reasons[row] = "stop"
             else:
                 tokens[row].append(token)
                 exit_log[row].append(step)
+                logprob_log[row].append(logprob)
         keep = ~is_stop
         running, next_tokens = running[keep], next_tokens[keep]
         if running.numel() == 0 or i == budget - 1:
@@ -168,7 +179,7 @@ def generate(
         )
         cache.commit(exit_steps, rows)
         next_position = next_position + 1
-    return GenerationOutput(tokens, exit_log, reasons, steps)
+    return GenerationOutput(tokens, exit_log, logprob_log, reasons, steps)
 
 
 def _decode_one(
