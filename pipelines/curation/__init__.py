@@ -1,0 +1,1 @@
+"""The curation steps, one module each; `looplm.pipelines.curate` runs them as Ray Data stages."""

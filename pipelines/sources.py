@@ -1,0 +1,310 @@
+"""Sources of raw documents, read into Ray Datasets with one schema.
+
+Every row has: key (unique: "<source>:<id>"), id (the source's own id, kept through the pipeline), source,
+text, meta (JSON: the record's other fields, and a generator's planted-defect label), planted (that label, '' when
+unknown), removed_by ('' while the document is kept; 'read' when quarantined) and reason.
+
+Kinds:
+    jsonl     a .jsonl file or a folder of them; one JSON object per line
+    parquet   a .parquet file or a folder of them
+    text      a folder of plain-text files (or one file): one document per file, its relative path the id
+    hf        Hugging Face `datasets`: a local dataset folder (save_to_disk, or data files), or a hub name when
+              the machine is online
+    bios      generated web-like profile pages (bioS), with planted defects when `noise` is set
+    multihop  generated multi-hop relation facts and training questions (ouro-spec.md §8.3)
+    mano      generated Mano modular-arithmetic problems (ouro-spec.md §8.2)
+
+Bad records (malformed JSON, invalid UTF-8, a missing or non-string text field) are quarantined with the
+reason, never dropped; a source that does not exist or cannot be read is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from looplm.pipelines import synthetic
+from looplm.pipelines.noise import NoiseConfig, plant_defects
+
+KINDS = ("jsonl", "parquet", "text", "hf", "bios", "multihop", "mano")
+GENERATED = ("bios", "multihop", "mano")
+COLUMNS = ("key", "id", "source", "text", "meta", "planted", "removed_by", "reason")
+# A quarantined record keeps this much of its raw content, for the report (a 100 MB line need not travel).
+RAW_EXCERPT_CHARS = 2000
+BLOCK_ROWS = 1000
+
+
+class SourceError(RuntimeError):
+    """A source that does not exist, cannot be read, or does not fit its kind; the message names it."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    kind: str
+    path: str = ""  # file or folder (jsonl, parquet, text, hf) or a hub dataset name (hf)
+    text_field: str = "text"
+    id_field: str = "id"
+    split: str = "train"  # hf
+    weight: float = 1.0  # the source's weight in the training mixture
+    skip: tuple[str, ...] = ()  # steps not applied to this source, e.g. quality filters for non-web text
+    count: int = 1000  # generated: documents (multihop: question documents, after the fact documents)
+    people_per_page: int = 4  # bios
+    items_per_doc: int = 20  # multihop questions, mano problems per document
+    max_operators: int = 10  # mano: L
+    noise: NoiseConfig | None = None  # bios: defects to plant
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"source {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind not in GENERATED and not self.path:
+            raise ValueError(f"source {self.name!r}: kind {self.kind} needs a path")
+        if self.weight <= 0:
+            raise ValueError(f"source {self.name!r}: weight must be positive, got {self.weight}")
+        if ":" in self.name:
+            raise ValueError(f"source name {self.name!r} may not contain ':' (it separates source and id in keys)")
+
+
+def _row(source: str, doc_id: str, text: str, meta: dict, reason: str = "") -> dict:
+    planted = str(meta.get("defect", "")) if isinstance(meta, dict) else ""
+    return {
+        "key": f"{source}:{doc_id}",
+        "id": doc_id,
+        "source": source,
+        "text": text,
+        "meta": json.dumps(meta, ensure_ascii=False, default=str),
+        "planted": planted,
+        "removed_by": "read" if reason else "",
+        "reason": reason,
+    }
+
+
+def _files(config: SourceConfig, suffixes: tuple[str, ...]) -> list[Path]:
+    path = Path(config.path)
+    if not path.exists():
+        raise SourceError(f"source {config.name!r}: {path} does not exist")
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (not suffixes or p.name.endswith(suffixes)))
+        if not files:
+            raise SourceError(f"source {config.name!r}: no {'/'.join(suffixes) or ''} files under {path}")
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise SourceError(f"source {config.name!r}: {file} cannot be read")
+    return files
+
+
+def parse_jsonl(data: bytes, source: str, file_id: str, text_field: str, id_field: str) -> list[dict]:
+    """Rows for every non-blank line of a jsonl file; bad lines are quarantined with the reason."""
+    rows = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        fallback_id = f"{file_id}:{number}"
+        excerpt = raw[:RAW_EXCERPT_CHARS].decode("utf-8", errors="replace")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            rows.append(_row(source, fallback_id, excerpt, {}, f"invalid utf-8 at byte {err.start}"))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            rows.append(_row(source, fallback_id, excerpt, {}, f"malformed json: {err.msg} at column {err.colno}"))
+            continue
+        if not isinstance(record, dict):
+            rows.append(_row(source, fallback_id, excerpt, {}, f"not a JSON object: {type(record).__name__}"))
+            continue
+        doc_id = str(record.pop(id_field, fallback_id))
+        text = record.pop(text_field, None)
+        if text is None:
+            rows.append(_row(source, doc_id, excerpt, record, f"missing text field {text_field!r}"))
+        elif not isinstance(text, str):
+            rows.append(_row(source, doc_id, excerpt, record, f"text field {text_field!r} is {type(text).__name__}"))
+        else:
+            rows.append(_row(source, doc_id, text, record))
+    return rows
+
+
+def parse_text_file(data: bytes, source: str, file_id: str) -> dict:
+    try:
+        return _row(source, file_id, data.decode("utf-8"), {"path": file_id})
+    except UnicodeDecodeError as err:
+        excerpt = data[:RAW_EXCERPT_CHARS].decode("utf-8", errors="replace")
+        return _row(source, file_id, excerpt, {"path": file_id}, f"invalid utf-8 at byte {err.start}")
+
+
+def _table_rows(frame: pd.DataFrame, config: SourceConfig) -> pd.DataFrame:
+    """Our schema from a table with the configured text and id columns; null or non-string text is quarantined."""
+    rows = []
+    other = [c for c in frame.columns if c not in (config.text_field, config.id_field)]
+    has_id = config.id_field in frame.columns
+    for i, record in enumerate(frame.to_dict("records")):
+        text = record[config.text_field]
+        doc_id = str(record[config.id_field]) if has_id and record[config.id_field] is not None else str(i)
+        meta = {c: record[c] for c in other}
+        if not isinstance(text, str):
+            kind = "null" if text is None or (isinstance(text, float) and text != text) else type(text).__name__
+            rows.append(_row(config.name, doc_id, "", meta, f"text field {config.text_field!r} is {kind}"))
+        else:
+            rows.append(_row(config.name, doc_id, text, meta))
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _arrow(frame: pd.DataFrame):
+    # Every source yields Arrow blocks: Ray Data 2.60 fails on a batch that spans an Arrow and a pandas block,
+    # which a union of a file source and a generated one would otherwise produce.
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _table_rows_arrow(frame: pd.DataFrame, config: SourceConfig):
+    return _arrow(_table_rows(frame, config))
+
+
+def _hub_is_reachable(timeout: float = 5.0) -> bool:
+    """False at once when offline mode is set, else whether the hub answers within `timeout` seconds (so an
+    offline machine gets an error, not a hang in datasets' retries)."""
+    if any(os.environ.get(name, "0") not in ("0", "") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hf(config: SourceConfig):
+    """A `datasets.Dataset` from a local folder, or from the hub when online; an error naming the source if not."""
+    import datasets
+
+    path = Path(config.path)
+    try:
+        if path.exists():
+            if (
+                (path / "dataset_info.json").exists()
+                or (path / "state.json").exists()
+                or (path / "dataset_dict.json").exists()
+            ):
+                dataset = datasets.load_from_disk(str(path))
+            else:
+                dataset = datasets.load_dataset(str(path), split=config.split)
+        else:
+            if not _hub_is_reachable():
+                raise SourceError(
+                    f"source {config.name!r}: {config.path!r} is not a local folder, and the Hugging Face hub "
+                    "cannot be reached (offline, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)"
+                )
+            dataset = datasets.load_dataset(config.path, split=config.split)
+    except SourceError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the source named either way
+        raise SourceError(f"source {config.name!r}: cannot load {config.path!r}: {err}") from err
+    if isinstance(dataset, datasets.DatasetDict):
+        if config.split not in dataset:
+            raise SourceError(f"source {config.name!r}: no split {config.split!r} (has {', '.join(dataset)})")
+        dataset = dataset[config.split]
+    if config.text_field not in dataset.column_names:
+        raise SourceError(
+            f"source {config.name!r}: no text field {config.text_field!r} (columns: {', '.join(dataset.column_names)})"
+        )
+    return dataset
+
+
+def generated_records(config: SourceConfig, seed: int) -> list[dict]:
+    """The generated documents of a bios, multihop or mano source, as rows."""
+    if config.kind == "bios":
+        pages = synthetic.profile_pages(config.count, seed, config.people_per_page)
+        clean = [(f"bios-{i:07d}", text) for i, text in enumerate(pages)]
+        if config.noise is None:
+            records = [{"id": i, "text": t, "meta": {}} for i, t in clean]
+        else:
+            records = plant_defects(clean, config.noise, seed, [qa.text for qa in eval_questions(seed)])
+    elif config.kind == "multihop":
+        world = synthetic.multihop_world(seed)
+        train, _ = synthetic.multihop_split(world, train_count=config.count * config.items_per_doc, seed=seed)
+        facts = synthetic.multihop_facts(world)
+        per_person = len(world.relations)
+        records = [
+            {"id": f"facts-{i // per_person:05d}", "text": " ".join(facts[i : i + per_person]), "meta": {}}
+            for i in range(0, len(facts), per_person)
+        ]
+        n = config.items_per_doc
+        records += [
+            {"id": f"qa-{k:06d}", "text": "\n".join(qa.text for qa in train[k * n : (k + 1) * n]), "meta": {}}
+            for k in range(config.count)
+        ]
+    else:
+        problems = synthetic.mano_problems(config.count * config.items_per_doc, seed, config.max_operators)
+        n = config.items_per_doc
+        records = [
+            {"id": f"mano-{k:06d}", "text": "\n".join(p.text for p in problems[k * n : (k + 1) * n]), "meta": {}}
+            for k in range(config.count)
+        ]
+    return [_row(config.name, r["id"], r["text"], r["meta"]) for r in records]
+
+
+def eval_questions(seed: int) -> list[synthetic.QA]:
+    """The held-out 3-hop test questions of the generated multi-hop world: the built-in evaluation set."""
+    _, test = synthetic.multihop_split(synthetic.multihop_world(seed), train_count=0, seed=seed)
+    return test
+
+
+def read_source(config: SourceConfig, seed: int = 0):
+    """A Ray Dataset of the source's rows in our schema (see the module docstring)."""
+    import ray.data
+
+    if config.kind in GENERATED:
+        frame = pd.DataFrame(generated_records(config, seed), columns=list(COLUMNS))
+        # Several blocks, so the stages after this one run in parallel.
+        blocks = [frame.iloc[i : i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS)]
+        return ray.data.from_arrow([_arrow(block) for block in blocks or [frame]])
+    if config.kind == "jsonl":
+        files = _files(config, (".jsonl", ".json"))
+        root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
+
+        def parse(item: dict) -> list[dict]:
+            file_id = str(Path(item["path"]).relative_to(root.resolve()))
+            return parse_jsonl(item["bytes"], config.name, file_id, config.text_field, config.id_field)
+
+        paths = [str(f.resolve()) for f in files]
+        return ray.data.read_binary_files(paths, include_paths=True).flat_map(parse)
+    if config.kind == "text":
+        files = _files(config, ())
+        root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
+
+        def parse_text(item: dict) -> dict:
+            return parse_text_file(item["bytes"], config.name, str(Path(item["path"]).relative_to(root.resolve())))
+
+        paths = [str(f.resolve()) for f in files]
+        return ray.data.read_binary_files(paths, include_paths=True).map(parse_text)
+    if config.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        files = _files(config, (".parquet",))
+        try:
+            schema = pq.read_schema(files[0])
+        except Exception as err:
+            raise SourceError(f"source {config.name!r}: {files[0]} is not readable parquet: {err}") from err
+        if config.text_field not in schema.names:
+            raise SourceError(
+                f"source {config.name!r}: {files[0]} has no text field {config.text_field!r} (columns: "
+                f"{', '.join(schema.names)})"
+            )
+        dataset = ray.data.read_parquet([str(f) for f in files])
+        return dataset.map_batches(_table_rows_arrow, fn_args=(config,), batch_format="pandas")
+    dataset = load_hf(config)
+    table = dataset.flatten_indices().data.table
+    # from_arrow, not from_huggingface: the latter re-resolves local datasets by name (notes §3). Several
+    # blocks, so the stages after this one run in parallel.
+    blocks = [table.slice(i, BLOCK_ROWS) for i in range(0, table.num_rows, BLOCK_ROWS)]
+    return ray.data.from_arrow(blocks or [table]).map_batches(
+        _table_rows_arrow, fn_args=(config,), batch_format="pandas"
+    )
