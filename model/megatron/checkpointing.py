@@ -1,0 +1,212 @@
+"""Training checkpoints of the Megatron LoopLM through dist_checkpointing, and the Ouro HF export/import.
+
+A checkpoint is a folder `<root>/step_<n>/` holding
+- `state/`: one dist_checkpointing save of the model and the optimizer. AdamW's moments are sharded exactly
+  like their parameters (megatron's optim_state_to_sharding_state), so both reshard: a run saved at TP=1
+  resumes at TP=2 and the other way round;
+- `rank_<r>.pt`: each rank's RNG states (restored when the layout is unchanged);
+- `trainer.json`: step, layout and trainer counters (rank 0). LR, beta, T and the data position are pure
+  functions of the step, so the step restores them.
+It is written into `step_<n>.tmp/` and renamed into place only when every rank has finished, and `latest`
+(a one-line file, replaced atomically) is updated after the rename, so a crash at any point leaves `latest`
+naming a complete checkpoint.
+
+All functions here are collectives over the default process group unless they say otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from ..config import LoopLMConfig
+from .convert import gather_tensor_parallel, hf_to_megatron, local_state, megatron_to_hf, shard
+
+LATEST = "latest"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_model(model: torch.nn.Module, directory: str | Path) -> None:
+    """The model's sharded state dict into an empty or new folder (collective)."""
+    _save({"model": model.sharded_state_dict()}, Path(directory))
+
+
+def load_model(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load the model from a folder written by save_model or save, at any tensor parallelism (collective)."""
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+    model.load_state_dict(state["model"], strict=True)
+
+
+def _save(sharded: dict[str, Any], directory: Path) -> None:
+    if _rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(sharded, str(directory))
+    _barrier()
+
+
+def _initialise_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter the state torch's Adam(W) creates lazily on its first step (so all have a shard)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def optimizer_sharded_state_dict(
+    optimizer: torch.optim.Optimizer, model_sharded: dict[str, Any], *, is_loading: bool = False
+) -> dict[str, Any]:
+    """A torch Adam(W) state dict whose moments are ShardedTensors laid out like their parameters."""
+    if is_loading or not optimizer.state:
+        _initialise_adam_state(optimizer)
+    state = optimizer.state_dict()
+    state["state"] = {index: dict(entry) for index, entry in state["state"].items()}  # not the live state dicts
+    steps = {float(s.pop("step")) for s in state["state"].values() if "step" in s}
+    if len(steps) > 1:
+        raise ValueError(f"optimizer steps differ between parameters ({sorted(steps)}); expected one shared step")
+    params = chain.from_iterable(group["params"] for group in optimizer.param_groups)
+    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, params))
+    state["state"]["common_step"] = steps.pop() if steps else 0.0
+    return state
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    step = state["state"].pop("common_step")
+    for param_state in state["state"].values():
+        param_state["step"] = torch.tensor(float(step))
+    optimizer.load_state_dict(state)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+    }
+
+
+def save(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write step_<step>/ atomically and point `latest` at it (collective). Returns the final folder."""
+    root = Path(root)
+    final, staging = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier()
+    model_sharded = model.sharded_state_dict()
+    optim_sharded = optimizer_sharded_state_dict(optimizer, model_sharded)
+    _save({"model": model_sharded, "optimizer": optim_sharded}, staging / "state")
+    torch.save({"rng": rng_state()}, staging / f"rank_{_rank()}.pt")
+    if _rank() == 0:
+        record = {"step": step, "layout": _layout(), **trainer_state}
+        (staging / "trainer.json").write_text(json.dumps(record, indent=2) + "\n")
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+    _barrier()
+    return final
+
+
+def latest(root: str | Path) -> Path | None:
+    """The folder `latest` names, or None when there is no complete checkpoint (not a collective)."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(root) / pointer.read_text().strip()
+    return folder if (folder / "trainer.json").is_file() else None
+
+
+def load(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore model, optimizer (at any TP x DP layout) and, on an unchanged layout, each rank's RNG states.
+
+    Returns trainer.json (collective).
+    """
+    folder = Path(folder)
+    record = json.loads((folder / "trainer.json").read_text())
+    if optimizer is None:
+        load_model(model, folder / "state")
+        return record
+    model_sharded = model.sharded_state_dict()
+    sharded = {
+        "model": model_sharded,
+        "optimizer": optimizer_sharded_state_dict(optimizer, model_sharded, is_loading=True),
+    }
+    state = dist_checkpointing.load(sharded, str(folder / "state"))
+    model.load_state_dict(state["model"], strict=True)
+    _load_optimizer_state(optimizer, state["optimizer"])
+    if record["layout"] == _layout():
+        set_rng_state(torch.load(folder / f"rank_{_rank()}.pt", weights_only=False)["rng"])
+    return record
+
+
+def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Path) -> Path | None:
+    """Write the model as an Ouro HF checkpoint (rank 0 writes; collective over TP). Returns the folder on rank 0."""
+    from ..checkpoint import save_pretrained
+    from ..looplm import LoopLM
+
+    state = megatron_to_hf(gather_tensor_parallel(local_state(model)), config)
+    path = None
+    if _rank() == 0:
+        reference = LoopLM(config)
+        reference.load_state_dict(state, strict=True)
+        path = save_pretrained(reference, directory, overwrite=True)
+    _barrier()
+    return path
+
+
+def import_hf(model: torch.nn.Module, directory: str | Path) -> LoopLMConfig:
+    """Load an Ouro HF checkpoint (a released Ouro model, or export_hf's) into the Megatron model at its TP."""
+    from ..checkpoint import load_pretrained
+
+    reference = load_pretrained(directory)
+    full = hf_to_megatron({k: v.float() for k, v in reference.state_dict().items()}, reference.config)
+    local = shard(
+        full, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    )
+    dtype = next(model.parameters()).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in local.items()}, strict=True)
+    return reference.config

@@ -1,0 +1,102 @@
+"""Ouro's Stage I and Stage II objectives on the Megatron LoopLM; equal to `looplm.model.objectives`.
+
+Stage I runs the loop step by step and keeps running per-token accumulators instead of stacking all T steps:
+the survival S_{t-1}, sum_t p_t * CE_t and sum_t p_t log p_t, with p_t = lambda_t * S_{t-1} for t < T and
+p_T = S_{T-1}. Only h_t and these [seq, batch] tensors live from one step to the next, which is what a
+pipeline-parallel loop hands from stage to stage (DESIGN.md decision 3); autograd does the rest.
+
+Tensors are megatron's [seq, batch]; inputs and labels come in the reference's [batch, seq] layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..looplm import exit_distribution
+from ..objectives import IGNORE_INDEX, STAGE2_GAMMA, STAGE2_K, LossOutput
+
+
+def _labels_sb(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+    labels = labels.t().contiguous()
+    counted = labels != IGNORE_INDEX
+    if not bool(counted.any()):
+        raise ValueError("every label is IGNORE_INDEX: there is no token to compute a loss on")
+    return labels, counted
+
+
+def stage1_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, beta: float, num_steps: int) -> LossOutput:
+    """sum_t p(t|x) CE_t - beta * H(p), per token, averaged over counted tokens."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    labels, counted = _labels_sb(input_ids, labels)
+    h = model.embed(input_ids)
+    attention = model.attention_inputs(input_ids.shape[1], input_ids.device)
+    survival = None  # S_{t-1}; None stands for 1 at t = 1
+    expected_ce = plogp = None
+    ce_means, p_means = [], []
+    for t in range(num_steps):
+        h = model.recurrent_step(h, attention)
+        ce = model.step_token_losses(h, labels)
+        if t < num_steps - 1:
+            lam = torch.sigmoid(model.exit_gate_logits(h).float())
+            p = lam if survival is None else lam * survival
+            survival = (1.0 - lam) if survival is None else survival * (1.0 - lam)
+        else:  # the leftover mass goes to the last step; its own lambda is not used
+            p = torch.ones_like(ce) if survival is None else survival
+        expected_ce = p * ce if expected_ce is None else expected_ce + p * ce
+        term = torch.special.xlogy(p, p)
+        plogp = term if plogp is None else plogp + term
+        ce_means.append(ce[counted].mean().detach())
+        p_means.append(p[counted].mean().detach())
+    entropy = -plogp
+    per_token = expected_ce - beta * entropy
+    return LossOutput(
+        loss=per_token[counted].mean(),
+        ce_per_step=torch.stack(ce_means),
+        exit_probs_mean=torch.stack(p_means),
+        entropy=entropy[counted].mean().detach(),
+        num_tokens=int(counted.sum()),
+    )
+
+
+def stage2_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_steps: int,
+    k: float = STAGE2_K,
+    gamma: float = STAGE2_GAMMA,
+) -> LossOutput:
+    """(1/T) sum_{t=2..T} BCE(1 - lambda_t, sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma))).
+
+    The LM runs without autograd, so only the exit gate can receive a gradient.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    labels, counted = _labels_sb(input_ids, labels)
+    states, ces = [], []
+    with torch.no_grad():
+        h = model.embed(input_ids)
+        attention = model.attention_inputs(input_ids.shape[1], input_ids.device)
+        for _ in range(num_steps):
+            h = model.recurrent_step(h, attention)
+            states.append(h)
+            ces.append(model.step_token_losses(h, labels))
+    ce = torch.stack(ces, dim=-1)  # [seq, batch, T]
+    gate_logits = torch.stack([model.exit_gate_logits(h) for h in states], dim=-1).float()
+    improvement = (ce[..., :-1] - ce[..., 1:]).clamp_min(0.0)
+    target = torch.sigmoid(k * (improvement - gamma))
+    bce = F.binary_cross_entropy_with_logits(-gate_logits[..., 1:], target, reduction="none")
+    loss = bce[counted].mean(0).sum() / num_steps if num_steps > 1 else gate_logits.sum() * 0.0
+    p = exit_distribution(gate_logits.detach())
+    return LossOutput(
+        loss=loss,
+        ce_per_step=ce[counted].mean(0),
+        exit_probs_mean=p[counted].mean(0),
+        entropy=(-torch.special.xlogy(p, p).sum(-1))[counted].mean(),
+        num_tokens=int(counted.sum()),
+    )

@@ -1,0 +1,154 @@
+"""The LoopLM on megatron-core: the reference model's mathematics with tensor, sequence and data parallelism.
+
+Same semantics as `looplm.model.looplm.LoopLM` (ouro-spec.md §1-2): embeddings once; the whole N-layer sandwich
+stack (a megatron TransformerBlock) runs T times with shared weights; after every pass the shared final RMSNorm
+gives h_t, which feeds the step's LM head, the exit gate and the next pass. T is a call argument.
+
+Layout: activations are megatron's [seq, batch, hidden]; under sequence parallelism the residual stream holds
+this rank's slice of the sequence. The LM head is a vocab-parallel ColumnParallelLinear and the per-step
+cross-entropy is megatron's vocab-parallel one, computed one step at a time under activation checkpointing, so
+no rank ever holds more than one step's [seq, batch, vocab / TP] logits. The exit gate is a replicated
+Linear(d, 1) over the full sequence.
+
+Objectives live in `losses.py`; `forward` runs one of them, so a DDP-wrapped model is called like any module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from torch.utils.checkpoint import checkpoint
+
+from ..config import LoopLMConfig
+from ..objectives import IGNORE_INDEX
+from . import cpu_shim
+from .config import ParallelConfig
+from .layer_specs import block_spec, norm_module
+
+
+class MegatronLoopLM(MegatronModule):
+    def __init__(self, config: LoopLMConfig, parallel: ParallelConfig, *, seed: int = 0):
+        cpu_shim.apply()
+        tf_config = parallel.transformer_config(config)
+        super().__init__(config=tf_config)
+        self.loop_config = config
+        self.parallel = parallel
+        d = config.hidden_size
+        self.embedding = LanguageModelEmbedding(
+            tf_config,
+            vocab_size=config.vocab_size,
+            max_sequence_length=config.max_position_embeddings,
+            position_embedding_type="rope",
+        )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.attention_head_dim,
+            rotary_percent=1.0,
+            rotary_base=config.rope_theta,
+            use_cpu_initialization=tf_config.use_cpu_initialization,
+        )
+        self.decoder = TransformerBlock(
+            tf_config, block_spec(tf_config, parallel.transformer_impl), post_layer_norm=False
+        )
+        self.final_layernorm = build_module(
+            norm_module(parallel.transformer_impl), config=tf_config, hidden_size=d, eps=config.rms_norm_eps
+        )
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            d,
+            config.vocab_size,
+            config=tf_config,
+            init_method=tf_config.init_method,
+            bias=False,
+            gather_output=False,
+        )
+        # Replicated on every TP rank and fed the full sequence, so its gradient needs no TP reduction. Seeded
+        # explicitly so that every rank starts from the same gate.
+        self.exit_gate = torch.nn.Linear(d, 1, bias=True, dtype=tf_config.params_dtype)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            self.exit_gate.weight.copy_(torch.randn(1, d, generator=generator) * config.initializer_range)
+            self.exit_gate.bias.zero_()
+        if torch.cuda.is_available():
+            self.cuda(torch.cuda.current_device())
+
+    # ---------------------------------------------------------------- the loop, piece by piece
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids -> h_0 [seq(/TP under SP), batch, hidden]."""
+        if input_ids.shape[1] > self.loop_config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {input_ids.shape[1]} tokens is longer than the context "
+                f"({self.loop_config.max_position_embeddings} positions)"
+            )
+        return self.embedding(input_ids, position_ids=None)
+
+    def attention_inputs(self, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The causal mask (True = masked out) and RoPE frequencies; the same for every pass."""
+        mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
+        return {"attention_mask": mask, "rotary_pos_emb": self.rotary_pos_emb(seq_len)}
+
+    def recurrent_step(self, h: torch.Tensor, attention_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One pass through the whole shared stack, then the final norm: h_{t-1} -> h_t."""
+        return self.final_layernorm(self.decoder(h, **attention_inputs))
+
+    def full_sequence(self, h: torch.Tensor) -> torch.Tensor:
+        """h over the whole sequence. Under SP the backward keeps this rank's slice of the gradient (no sum):
+        every TP rank computes the same loss from the gathered tensor."""
+        if not self.config.sequence_parallel:
+            return h
+        return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+
+    def exit_gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The gate's logit for every position of h_t: [seq, batch] over the full sequence."""
+        return self.exit_gate(self.full_sequence(h)).squeeze(-1)
+
+    def step_token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token CE [seq, batch] of one step's h_t through the vocab-parallel head and cross-entropy.
+
+        labels is [seq, batch] with IGNORE_INDEX where not counted (those positions get 0). The step's logits
+        are rebuilt in backward rather than stored.
+        """
+        ignored = labels == IGNORE_INDEX
+        target = labels.masked_fill(ignored, 0)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return checkpoint(self._head_cross_entropy, h, target, ignored, use_reentrant=False)
+        return self._head_cross_entropy(h, target, ignored)
+
+    def _head_cross_entropy(self, h: torch.Tensor, target: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.output_layer(h)  # [seq, batch, vocab / TP]; under SP the layer gathers the sequence
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
+        return ce.masked_fill(ignored, 0.0)
+
+    # ---------------------------------------------------------------- an objective, end to end
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        objective: str = "stage1",
+        num_steps: int | None = None,
+        beta: float = 0.05,
+        **objective_kwargs: Any,
+    ):
+        """Run `objective` ("stage1" or "stage2", see losses.py) over a [batch, seq] batch; returns its LossOutput."""
+        from . import losses
+
+        steps = self.loop_config.total_ut_steps if num_steps is None else num_steps
+        if objective == "stage1":
+            return losses.stage1_loss(self, input_ids, labels, beta=beta, num_steps=steps)
+        if objective == "stage2":
+            return losses.stage2_loss(self, input_ids, labels, num_steps=steps, **objective_kwargs)
+        raise ValueError(f"objective must be 'stage1' or 'stage2', got {objective!r}")
+
+    def lm_parameters(self) -> list[torch.nn.Parameter]:
+        """Everything but the exit gate: what Stage II freezes."""
+        gate = {id(p) for p in self.exit_gate.parameters()}
+        return [p for p in self.parameters() if id(p) not in gate]

@@ -1,0 +1,156 @@
+"""The pretrain step: a PretrainConfig trained on megatron-core, launched as a Ray Train job.
+
+    looplm train configs/train-tiny-cpu.yaml train.steps=50 --output runs/tiny
+
+`launch` starts a TorchTrainer with one worker per rank (TP x PP x DP; gloo on CPU, NCCL on GPU). Each worker
+runs `training.trainer.train_on_rank`, which resumes from `<output>/checkpoints/latest` when it exists, so the
+FailureConfig's restarts, and a rerun of the same command, continue from the last complete checkpoint.
+Workers report to Ray Train once per log interval (per-step reports are throttled to one per ~2 s); rank 0
+also appends each record to `<output>/metrics.jsonl`. Metrics reach MLflow once per job, from the driver after
+the job, never from a rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from looplm.infra.configs import load_config, to_dict
+
+from .training.config import PretrainConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class PretrainResult:
+    output: Path
+    records: list[dict[str, Any]]  # one per logged interval (the last record of each step wins after a restart)
+    checkpoint: Path | None  # the latest complete checkpoint
+    restarts: int
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker = one rank; torch.distributed is already initialised by TorchTrainer."""
+    import ray.train
+    import torch.distributed as dist
+
+    from .training.trainer import train_on_rank
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    config: PretrainConfig = loop_config["config"]
+    output = Path(loop_config["output"])
+    fail_at = loop_config.get("inject_failure_at_step")
+    rank = dist.get_rank()
+
+    def report(record: dict[str, Any]) -> None:
+        if rank == 0:
+            with open(output / METRICS_FILE, "a") as sink:
+                sink.write(json.dumps(record) + "\n")
+        marker = output / ".injected_failure"
+        if fail_at is not None and rank == 1 and record.get("step", 0) >= fail_at and not marker.exists():
+            marker.write_text(f"worker failure injected at step {record['step']}\n")
+            raise RuntimeError(f"injected worker failure at step {record['step']} (test of FailureConfig)")
+        ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float)})
+
+    train_on_rank(config, output, report=report)
+
+
+def read_metrics(output: str | Path) -> list[dict[str, Any]]:
+    """The logged records, one per step (a step logged again after a restart keeps its last record)."""
+    path = Path(output) / METRICS_FILE
+    if not path.is_file():
+        return []
+    by_step: dict[tuple[int, bool], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_step[(record["step"], "valid_loss" in record)] = record
+    return [by_step[key] for key in sorted(by_step)]
+
+
+def launch(
+    config: PretrainConfig,
+    output: str | Path,
+    *,
+    ray_address: str | None = None,
+    inject_failure_at_step: int | None = None,
+) -> PretrainResult:
+    """Run `config` as a Ray Train job on the cluster at ray_address / $RAY_ADDRESS, or on a local Ray."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from looplm.infra.ray_cluster import ray_session
+    from looplm.model.megatron import checkpointing
+
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
+    on_gpu = torch.cuda.is_available()
+    workers = config.world_size
+    # Ray Train drains worker reports every 2 s by default, which throttles even per-interval reports on short
+    # CPU runs (ray-mlflow-notes.md §4); 0.2 s costs nothing measurable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+    local_cpus = None if (ray_address or os.environ.get("RAY_ADDRESS")) else max(2, workers)
+    with ray_session(ray_address, num_cpus=local_cpus, runtime_env={"env_vars": env}):
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "config": config,
+                "output": str(output),
+                "inject_failure_at_step": inject_failure_at_step,
+            },
+            torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=on_gpu, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(
+                name=config.name,
+                storage_path=str(output / "ray"),
+                failure_config=FailureConfig(max_failures=config.launch.max_failures),
+            ),
+        )
+        trainer.fit()
+    restarts = 1 if (output / ".injected_failure").exists() else 0
+    return PretrainResult(output, read_metrics(output), checkpointing.latest(output / "checkpoints"), restarts)
+
+
+def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: str | None = None) -> None:
+    """One MLflow run for the job, written from the driver: params = the config, metrics = the logged records."""
+    from looplm.infra.tracking import pipeline_run
+
+    with pipeline_run(f"pretrain-{config.name}", config=config, tracking_uri=tracking_uri) as run:
+        run.set_tags({"looplm.transformer_impl": config.parallel.transformer_impl})
+        for record in result.records:
+            metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+            run.log_metrics(metrics, step=int(record["step"]))
+
+
+def run_from_args(args) -> int:
+    """`looplm train CONFIG [overrides] [--output DIR]`."""
+    config = load_config(PretrainConfig, args.config, list(args.overrides or []))
+    output = Path(getattr(args, "output", None) or Path("runs") / f"train-{config.name}")
+    parallel = config.parallel
+    print(
+        f"training {config.model.preset} ({parallel.transformer_impl} layers, TP={parallel.tensor_parallel}"
+        f" x DP={config.launch.data_parallel}, {config.train.objective}) for {config.train.steps} steps -> {output}"
+    )
+    result = launch(config, output)
+    for record in result.records:
+        if "loss" in record:
+            print(
+                f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+                f"lr {record['lr']:.2e}  T {record['recurrent_steps']}  tok/s {record['tokens_per_s']:.0f}  "
+                f"TFLOP/s {record['model_tflops_per_s']:.4f}"
+            )
+        else:
+            print(f"validation loss {record['valid_loss']:.4f}")
+    print(f"latest checkpoint: {result.checkpoint}")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        log_to_mlflow(config, result)
+    else:
+        print("MLFLOW_TRACKING_URI is not set: metrics are in", output / METRICS_FILE)
+    return 0

@@ -1,0 +1,145 @@
+"""The pretraining config: frozen dataclasses that experiment YAML (configs/train-*.yaml) maps onto.
+
+    cfg = load_config(PretrainConfig, "configs/train-tiny-cpu.yaml", ["train.steps=50"])
+
+Schedules of the loop are piecewise constant in the optimizer step, written as [[from_step, value], ...]:
+Ouro's recipe drops T from 8 to 4 and beta from 0.1 to 0.05 between stages (ouro-spec.md §6.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from looplm.model.config import ConfigError, LoopLMConfig
+from looplm.model.megatron.config import ParallelConfig
+
+LR_SCHEDULES = ("warmup_constant", "wsd", "cosine")
+OBJECTIVES = ("stage1", "stage2")
+
+
+def _check_piecewise(name: str, table: tuple) -> None:
+    if not table or table[0][0] != 0:
+        raise ConfigError(f"{name} must start at step 0, got {table!r}")
+    starts = [row[0] for row in table]
+    if starts != sorted(set(starts)):
+        raise ConfigError(f"{name} steps must be strictly increasing, got {starts}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # LoopLMConfig fields, e.g. {rope_theta: 40000.0}
+
+    def build(self) -> LoopLMConfig:
+        return LoopLMConfig.preset(self.preset, **self.overrides)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Megatron indexed datasets: path prefixes of .bin/.idx pairs and their mixture weights. Empty: the trainer
+    # writes a small synthetic indexed dataset into the run folder (until the curation step provides one).
+    paths: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    split: str = "98,2,0"  # train, valid, test shares of each dataset's documents
+    seq_len: int = 128
+    micro_batch_size: int = 4  # sequences per DP rank per forward/backward
+    global_batch_size: int = 8  # sequences per optimizer step over all DP ranks (the rest is accumulation)
+    eod_token: int = 0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.weights and len(self.weights) != len(self.paths):
+            raise ConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths")
+        if self.seq_len < 2 or self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("data.seq_len must be >= 2 and the batch sizes positive")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # the end of a decay (wsd, cosine)
+    schedule: str = "warmup_constant"  # warmup_constant | wsd (warmup-stable-decay) | cosine
+    warmup_steps: int = 100
+    decay_steps: int = 0  # wsd: length of the final decay; cosine: 0 means "to the last step"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.lr must be positive, min_lr, warmup_steps and decay_steps non-negative")
+
+
+@dataclass(frozen=True)
+class LoopSchedule:
+    recurrent_steps: tuple[tuple[int, int], ...] = ((0, 4),)  # [[from_step, T], ...]
+    beta: tuple[tuple[int, float], ...] = ((0, 0.05),)  # [[from_step, beta], ...] (Stage I entropy weight)
+
+    def __post_init__(self) -> None:
+        _check_piecewise("loop.recurrent_steps", self.recurrent_steps)
+        _check_piecewise("loop.beta", self.beta)
+        if any(t < 1 for _, t in self.recurrent_steps):
+            raise ConfigError(f"loop.recurrent_steps values must be >= 1, got {self.recurrent_steps!r}")
+
+
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    steps: int = 100
+    objective: str = "stage1"  # stage1: LM and gate; stage2: gate only, LM frozen
+    log_interval: int = 10
+    checkpoint_interval: int = 50
+    max_nonfinite_in_a_row: int = 5  # K: that many skipped steps in a row abort the run
+    init_from_hf: str | None = None  # an Ouro HF folder to start from (fine-tuning, or Stage II after Stage I)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.steps < 1 or self.log_interval < 1 or self.checkpoint_interval < 1 or self.max_nonfinite_in_a_row < 1:
+            raise ConfigError("train.steps, log_interval, checkpoint_interval and max_nonfinite_in_a_row must be >= 1")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    data_parallel: int = 1  # Ray Train workers = tensor_parallel x pipeline_parallel x data_parallel
+    max_failures: int = 1  # FailureConfig: restarts of the worker group, each resuming from the latest checkpoint
+    report_interval: int = 0  # steps between ray.train.report calls; 0: the log interval
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    name: str = "pretrain"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopSchedule = field(default_factory=LoopSchedule)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        self.parallel.check_model(self.model.build())
+        per_step = self.data.micro_batch_size * self.launch.data_parallel
+        if self.data.global_batch_size % per_step:
+            raise ConfigError(
+                f"data.global_batch_size ({self.data.global_batch_size}) is not a multiple of "
+                f"micro_batch_size x launch.data_parallel ({per_step})"
+            )
+        if self.data.seq_len > self.model.build().max_position_embeddings:
+            raise ConfigError("data.seq_len is longer than the model's max_position_embeddings")
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tensor_parallel * self.parallel.pipeline_parallel * self.launch.data_parallel
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.data.global_batch_size // (self.data.micro_batch_size * self.launch.data_parallel)
+
+    def replace(self, **sections: Any) -> PretrainConfig:
+        return dataclasses.replace(self, **sections)

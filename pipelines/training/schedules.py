@@ -1,0 +1,45 @@
+"""Learning-rate, beta and recurrent-step schedules: pure functions of the optimizer step (so resume is exact)."""
+
+from __future__ import annotations
+
+import math
+
+from .config import LoopSchedule, OptimConfig
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """The LR of optimizer step `step` (0-based).
+
+    warmup_constant: linear warmup to lr, then lr (Ouro Stage 1a/1b, 3).
+    wsd: warmup, lr until the last decay_steps, then linear decay to min_lr (warmup-stable-decay).
+    cosine: warmup, then cosine from lr to min_lr over the remaining (or decay_steps) steps (Ouro Stage 2, 4).
+    """
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "warmup_constant":
+        return optim.lr
+    if optim.schedule == "wsd":
+        decay_start = total_steps - optim.decay_steps
+        if step < decay_start or optim.decay_steps == 0:
+            return optim.lr
+        progress = (step - decay_start + 1) / optim.decay_steps
+        return optim.lr + (optim.min_lr - optim.lr) * min(1.0, progress)
+    span = optim.decay_steps or max(1, total_steps - optim.warmup_steps - 1)  # min_lr at the last step
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def piecewise(step: int, table: tuple[tuple[int, float], ...]) -> float:
+    value = table[0][1]
+    for start, entry in table:
+        if step >= start:
+            value = entry
+    return value
+
+
+def recurrent_steps_at(step: int, loop: LoopSchedule) -> int:
+    return int(piecewise(step, loop.recurrent_steps))
+
+
+def beta_at(step: int, loop: LoopSchedule) -> float:
+    return float(piecewise(step, loop.beta))

@@ -1,0 +1,229 @@
+"""The per-rank pretraining loop of the Megatron LoopLM. Every rank of a TP x DP group runs `train_on_rank`.
+
+One optimizer step: `accumulation_steps` micro-batches forward/backward through Megatron DDP (fp32 main_grad
+buffers), `finalize_model_grads` (DP average, TP all-reduce of sequence-parallel norm gains), the global grad
+norm over unique shards, a non-finite check agreed by all ranks (skip and count; K in a row abort), clipping,
+then AdamW. LR, beta and T come from pure schedules of the step, data from the step's sample indices, so a
+run resumed from a checkpoint (model, optimizer moments, RNG, step) repeats the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from looplm.model.megatron import checkpointing
+from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
+from looplm.model.megatron.model import MegatronLoopLM
+
+from .config import PretrainConfig
+from .data import build_datasets, micro_batch, write_synthetic_corpus
+from .schedules import beta_at, lr_at, recurrent_steps_at
+
+HF_EXPORT = "hf"
+
+
+class NonFiniteLossError(RuntimeError):
+    """K optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def build_optimizer(model: MegatronLoopLM, config: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on norm gains and biases (1-D tensors).
+
+    This is the CPU optimizer: torch AdamW stepping on Megatron DDP's fp32 gradients. The GPU path (Megatron's
+    distributed optimizer with bf16 params and its sharded state in dist_checkpointing) is not implemented yet.
+    """
+    if torch.cuda.is_available():
+        raise NotImplementedError(
+            "the GPU optimizer (megatron.core.optimizer's DistributedOptimizer) is not wired in yet; "
+            "this trainer runs on CPU (torch AdamW over Megatron DDP gradients)"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": config.optim.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps
+    )
+
+
+def grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of the full (unsharded) gradient: each TP shard once, replicated tensors once."""
+    total = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.requires_grad and param_is_not_tensor_parallel_duplicate(param):
+            total += param.main_grad.double().pow(2).sum().cpu()
+    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    return total.sqrt()
+
+
+def _all_finite(*values: torch.Tensor) -> bool:
+    flag = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in values)))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def _dp_mean(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().clone().float()
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor / parallel_state.get_data_parallel_world_size()
+
+
+def prepare_data(config: PretrainConfig, output: Path, vocab_size: int) -> tuple[Any, Any]:
+    paths = list(config.data.paths)
+    if not paths:
+        if dist.get_rank() == 0:
+            write_synthetic_corpus(output / "data", vocab_size, config.data.eod_token)
+        dist.barrier()
+        paths = [str(output / "data" / kind) for kind in ("counting", "motif")]
+    train_samples = config.train.steps * config.data.global_batch_size
+    return build_datasets(config.data, paths, vocab_size, train_samples, output / "data" / "cache")
+
+
+def train_on_rank(
+    config: PretrainConfig,
+    output: str | Path,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train (resuming from output/checkpoints/latest if present) on an initialised process group.
+
+    At the end the model is also written in the Ouro HF layout to output/hf. Returns the logged records (every
+    rank returns the same figures). `report` is called with each record on every rank (Ray Train wants every
+    worker to report). `stop_after` ends the run after that many steps without a final checkpoint, like a
+    crash (tests of resume).
+    """
+    output = Path(output)
+    if dist.get_world_size() != config.world_size:
+        raise ValueError(
+            f"the config needs {config.world_size} ranks (TP x PP x DP), the process group has {dist.get_world_size()}"
+        )
+    torch.manual_seed(config.train.seed)
+    initialize_model_parallel(config.parallel, seed=config.train.seed)
+    model_config = config.model.build()
+    model = MegatronLoopLM(model_config, config.parallel, seed=config.train.seed)
+    if config.train.init_from_hf:
+        checkpointing.import_hf(model, config.train.init_from_hf)
+    if config.train.objective == "stage2":
+        for param in model.lm_parameters():
+            param.requires_grad_(False)
+    ddp = wrap_data_parallel(model)
+    optimizer = build_optimizer(model, config)
+    train_data, valid_data = prepare_data(config, output, model_config.vocab_size)
+
+    ckpt_root = output / "checkpoints"
+    start, skipped = 0, 0
+    folder = checkpointing.latest(ckpt_root)
+    if folder is not None:
+        record = checkpointing.load(folder, model, optimizer)
+        start, skipped = record["step"], record.get("skipped_steps", 0)
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    device = next(model.parameters()).device
+    seq = config.data.seq_len
+    tokens_per_step = config.data.global_batch_size * seq
+    records: list[dict[str, Any]] = []
+    in_a_row, interval_start, interval_steps = 0, time.perf_counter(), 0
+    model.train()
+    for step in range(start, config.train.steps):
+        if stop_after is not None and step >= stop_after:
+            return records
+        lr = lr_at(step, config.optim, config.train.steps)
+        steps_t, beta = recurrent_steps_at(step, config.loop), beta_at(step, config.loop)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad(set_to_none=True)
+        outs = []
+        for micro in range(config.accumulation_steps):
+            ids, labels = (t.to(device) for t in micro_batch(train_data, step, micro, config.data, dp_rank, dp_size))
+            out = ddp(ids, labels, objective=config.train.objective, num_steps=steps_t, beta=beta)
+            (out.loss / config.accumulation_steps).backward()
+            outs.append(out)
+        finalize_model_grads([ddp])
+        loss = _dp_mean(torch.stack([o.loss.detach() for o in outs]).mean())
+        norm = grad_norm(model)
+        if not _all_finite(loss, norm):
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            if in_a_row >= config.train.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {step}, "
+                    f"loss {loss.item()}, grad norm {norm.item()}); aborting. Lower optim.lr or check the data."
+                )
+            continue
+        in_a_row = 0
+        clip = min(1.0, config.optim.grad_clip / (norm.item() + 1e-6)) if config.optim.grad_clip > 0 else 1.0
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = param.main_grad.mul_(clip).to(param.dtype)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        interval_steps += 1
+
+        done = step + 1
+        if done % config.train.log_interval == 0 or done == config.train.steps:
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_s = interval_steps * tokens_per_step / elapsed
+            flops = model_config.flops_per_token(seq, num_steps=steps_t)["total"]
+            if config.train.objective == "stage2":  # the LM runs forward only; the gate's backward is negligible
+                flops = model_config.flops_per_token(seq, num_steps=steps_t)["forward"]
+            records.append(
+                {
+                    "step": done,
+                    "loss": loss.item(),
+                    "grad_norm": norm.item(),
+                    "lr": lr,
+                    "beta": beta,
+                    "recurrent_steps": steps_t,
+                    "entropy": _dp_mean(torch.stack([o.entropy for o in outs]).mean()).item(),
+                    "skipped_steps": skipped,
+                    "tokens_per_s": tokens_per_s,
+                    "model_tflops_per_s": tokens_per_s * flops / 1e12,
+                    **_per_step("ce_step", _dp_mean(torch.stack([o.ce_per_step for o in outs]).mean(0))),
+                    **_per_step("exit_prob_step", _dp_mean(torch.stack([o.exit_probs_mean for o in outs]).mean(0))),
+                }
+            )
+            if report is not None:
+                report(records[-1])
+            interval_start, interval_steps = time.perf_counter(), 0
+        if done % config.train.checkpoint_interval == 0 or done == config.train.steps:
+            saving = time.perf_counter()
+            checkpointing.save(ckpt_root, done, model, optimizer, {"skipped_steps": skipped})
+            interval_start += time.perf_counter() - saving  # checkpoint time is not training throughput
+    if start < config.train.steps or not records:
+        records.append({"step": config.train.steps, "valid_loss": validation_loss(ddp, valid_data, config)})
+        if report is not None:
+            report(records[-1])
+    # The trained model in the Ouro HF layout: what Stage II, evaluation and serving load.
+    checkpointing.export_hf(model, model_config, output / HF_EXPORT)
+    return records
+
+
+def _per_step(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    return {f"{prefix}_{t + 1}": v for t, v in enumerate(values.tolist())}
+
+
+@torch.no_grad()
+def validation_loss(ddp: torch.nn.Module, valid_data, config: PretrainConfig, batches: int = 2) -> float:
+    """Stage I loss at the final T over the first `batches` global batches of the valid split."""
+    steps_t = recurrent_steps_at(config.train.steps - 1, config.loop)
+    beta = beta_at(config.train.steps - 1, config.loop)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    device = next(ddp.parameters()).device
+    losses = []
+    for step in range(batches):
+        for micro in range(config.accumulation_steps):
+            ids, labels = micro_batch(valid_data, step, micro, config.data, dp_rank, dp_size)
+            ids, labels = ids.to(device), labels.to(device)
+            losses.append(ddp(ids, labels, objective="stage1", num_steps=steps_t, beta=beta).loss)
+    value = _dp_mean(torch.stack(losses).mean()).item()
+    return value if math.isfinite(value) else float("nan")

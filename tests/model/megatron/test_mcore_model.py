@@ -1,0 +1,58 @@
+"""The Megatron LoopLM's configuration surface: what it accepts, what it rejects (naming the field), the shim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _mcore_spawn import run_ranks
+from _mcore_workers import saved_logit_tensors
+
+from looplm.model import LoopLMConfig
+from looplm.model.config import ConfigError
+from looplm.model.megatron import cpu_shim
+from looplm.model.megatron.config import ParallelConfig
+from looplm.model.megatron.layer_specs import sandwich_layer_spec
+
+
+def test_tensor_parallel_must_divide_heads():
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        ParallelConfig(tensor_parallel=4).check_model(LoopLMConfig.preset("tiny"))  # 2 KV heads
+
+
+def test_fp8_and_pipeline_parallel_are_errors_not_silently_ignored():
+    with pytest.raises(ConfigError, match="fp8"):
+        ParallelConfig(fp8="hybrid")
+    with pytest.raises(ConfigError, match="pipeline_parallel"):
+        ParallelConfig(pipeline_parallel=2)
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        ParallelConfig(sequence_parallel=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cpu_rejects_bf16_and_transformer_engine_with_a_clear_error():
+    with pytest.raises(ConfigError, match="bf16"):
+        ParallelConfig(precision="bf16").transformer_config(LoopLMConfig.preset("tiny"))
+    with pytest.raises(ConfigError, match="transformer_engine"):
+        sandwich_layer_spec("transformer_engine")
+    with pytest.raises(ConfigError, match="transformer_impl"):
+        ParallelConfig(transformer_impl="te")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cpu_shim_applies_only_without_cuda():
+    assert cpu_shim.needed()
+    assert cpu_shim.apply() is True
+    assert torch.cuda.current_device() == torch.device("cpu")
+
+
+def test_transformer_config_carries_the_model():
+    tf = ParallelConfig().transformer_config(LoopLMConfig.preset("tiny"))
+    assert (tf.num_layers, tf.hidden_size, tf.num_query_groups, tf.kv_channels) == (2, 64, 2, 16)
+    assert tf.gated_linear_unit and not tf.add_bias_linear and tf.transformer_impl == "local"
+
+
+def test_per_step_logits_are_not_kept_for_backward(tmp_path):
+    """T full logit tensors are never alive together: the per-step head + CE is recomputed in backward."""
+    (counts,) = run_ranks(saved_logit_tensors, 1, tmp_path)
+    assert counts["control"] >= 1, counts  # the hook does see logits when the head is not checkpointed
+    assert counts["checkpointed"] == 0, counts

@@ -1,0 +1,124 @@
+"""The Megatron pretraining loop on real gloo groups: exact kill-and-resume, loss falls, non-finite abort."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _mcore_spawn import run_ranks
+from _mcore_workers import train, train_expecting_error
+
+from looplm.infra.configs import load_config
+from looplm.model import LoopLM, LoopLMConfig
+from looplm.pipelines.training.config import OptimConfig, PretrainConfig
+from looplm.pipelines.training.schedules import beta_at, lr_at, recurrent_steps_at
+
+ROOT = Path(__file__).resolve().parents[3]
+TINY = str(ROOT / "configs" / "train-tiny-cpu.yaml")
+
+
+def _config(*overrides: str) -> PretrainConfig:
+    small = ["data.seq_len=32", "data.micro_batch_size=4", "data.global_batch_size=8", "train.log_interval=1"]
+    return load_config(PretrainConfig, TINY, small + list(overrides))
+
+
+def test_schedules():
+    optim = OptimConfig(lr=1.0, min_lr=0.1, schedule="wsd", warmup_steps=10, decay_steps=10)
+    assert lr_at(0, optim, 100) == pytest.approx(0.1) and lr_at(9, optim, 100) == 1.0
+    assert lr_at(50, optim, 100) == 1.0 and lr_at(99, optim, 100) == pytest.approx(0.1)
+    cosine = OptimConfig(lr=1.0, min_lr=0.1, schedule="cosine", warmup_steps=0)
+    assert lr_at(0, cosine, 101) == 1.0 and lr_at(50, cosine, 101) == pytest.approx(0.55)
+    assert lr_at(100, cosine, 101) == pytest.approx(0.1)
+    constant = OptimConfig(lr=1.0, schedule="warmup_constant", warmup_steps=4)
+    assert [lr_at(s, constant, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
+    config = _config()
+    assert [recurrent_steps_at(s, config.loop) for s in (0, 19, 20, 99)] == [8, 8, 4, 4]
+    assert [beta_at(s, config.loop) for s in (0, 20)] == [0.1, 0.05]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("train-*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_load(path):
+    config = load_config(PretrainConfig, path)
+    assert config.train.steps >= 1 and config.parallel.transformer_impl in ("local", "transformer_engine")
+
+
+def test_ouro_recipe_configs_follow_the_paper():
+    stage1a = load_config(PretrainConfig, ROOT / "configs" / "train-ouro-1.4b-stage1a.yaml")
+    stage1b = load_config(PretrainConfig, ROOT / "configs" / "train-ouro-1.4b-stage1b.yaml")
+    assert (stage1a.loop.recurrent_steps, stage1a.loop.beta) == (((0, 8),), ((0, 0.1),))
+    assert (stage1b.loop.recurrent_steps, stage1b.loop.beta) == (((0, 4),), ((0, 0.05),))
+    assert stage1a.data.global_batch_size * stage1a.data.seq_len == 8 * 1024 * 1024
+    assert stage1a.optim.betas == (0.9, 0.95) and stage1a.optim.weight_decay == 0.1 and stage1a.optim.grad_clip == 1.0
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _config("data.global_batch_size=6")
+    with pytest.raises(ValueError, match="recurrent_steps"):
+        _config("loop.recurrent_steps=[[5, 4]]")
+    with pytest.raises(ValueError, match="objective"):
+        _config("train.objective=stage3")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    """TP=2 with SP: 20 steps straight vs. 13 steps, a 'crash' (latest checkpoint: step 8), then a resume, on the
+    same layout (exact) and on TP=1 x DP=2 (the checkpoint, optimizer moments included, resharded)."""
+    overrides = [
+        "train.steps=20",
+        "train.checkpoint_interval=8",
+        "data.global_batch_size=4",
+        "loop.recurrent_steps=[[0, 3], [10, 2]]",
+        "loop.beta=[[0, 0.1], [10, 0.05]]",
+    ]
+    config = _config(*overrides, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true")
+    relayout = _config(*overrides, "launch.data_parallel=2", "data.micro_batch_size=2")
+    resumed, moved = str(tmp_path / "resumed"), str(tmp_path / "moved")
+    runs = [(config, str(tmp_path / "straight"), None), (config, resumed, 13), (config, moved, 13)]
+    runs += [(config, resumed, None), (relayout, moved, None)]
+    straight, crashed, _, resumed, moved = run_ranks(train, 2, tmp_path, runs=runs)[0]
+    losses = {r["step"]: r["loss"] for r in straight if "loss" in r}
+    assert sorted(losses) == list(range(1, 21))
+    assert [r["step"] for r in crashed] == list(range(1, 14))
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(9, 21))
+    for record in crashed + [r for r in resumed if "loss" in r]:
+        assert record["loss"] == pytest.approx(losses[record["step"]], rel=1e-6, abs=1e-6), record["step"]
+    assert straight[-1]["valid_loss"] == pytest.approx(resumed[-1]["valid_loss"], rel=1e-6)
+    assert [r["step"] for r in moved if "loss" in r] == list(range(9, 21))
+    for record in (r for r in moved if "loss" in r):
+        assert record["loss"] == pytest.approx(losses[record["step"]], rel=1e-5), record["step"]
+
+
+@pytest.mark.slow
+def test_stage1_loss_falls_then_stage2_trains_the_gate_alone(tmp_path):
+    """DP=2: Stage I from scratch, its Ouro HF export, then Stage II from that export with the LM frozen."""
+    stage1 = _config("train.steps=20", "train.checkpoint_interval=20", "train.log_interval=4", "launch.data_parallel=2")
+    stage2 = _config(
+        "train.steps=4",
+        "train.objective=stage2",
+        "loop.recurrent_steps=[[0, 4]]",
+        "launch.data_parallel=2",
+        f"train.init_from_hf={tmp_path / 's1' / 'hf'}",
+    )
+    runs = [(stage1, str(tmp_path / "s1"), None), (stage2, str(tmp_path / "s2"), None)]
+    records, gate = run_ranks(train, 2, tmp_path, runs=runs)[0]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert records[-1]["valid_loss"] < math.log(stage1.model.build().vocab_size) - 0.5
+    assert all(math.isfinite(r["loss"]) for r in gate if "loss" in r)
+    before = LoopLM.from_pretrained(tmp_path / "s1" / "hf").state_dict()
+    after = LoopLM.from_pretrained(tmp_path / "s2" / "hf").state_dict()
+    moved = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    assert moved == ["model.early_exit_gate.bias", "model.early_exit_gate.weight"]
+
+
+def test_non_finite_losses_are_skipped_then_abort(tmp_path):
+    reference = LoopLM(LoopLMConfig.preset("tiny"))
+    with torch.no_grad():
+        reference.model.norm.weight.fill_(float("nan"))
+    reference.save_pretrained(tmp_path / "nan-model")
+    config = _config("train.steps=10", f"train.init_from_hf={tmp_path / 'nan-model'}", "train.max_nonfinite_in_a_row=3")
+    (message,) = run_ranks(train_expecting_error, 1, tmp_path, config=config, output=str(tmp_path / "run"))
+    assert message.startswith("NonFiniteLossError: 3 steps in a row had a non-finite loss"), message
