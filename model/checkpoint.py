@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import LoopLMConfig
+from .hub import resolve_model_dir
 from .looplm import LoopLM
 
 CONFIG_NAME = "config.json"
@@ -139,8 +140,9 @@ def _weight_files(directory: Path) -> list[Path]:
 def load_pretrained(
     directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> LoopLM:
-    """Load a checkpoint folder; dtype None keeps the checkpoint's own dtype."""
-    directory = Path(directory)
+    """Load a checkpoint folder, or a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`: see
+    hub.py); dtype None keeps the checkpoint's own dtype."""
+    directory = resolve_model_dir(directory)
     config = load_config(directory)
     with torch.device("meta"):
         skeleton = LoopLM(config)

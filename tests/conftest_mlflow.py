@@ -1,0 +1,96 @@
+"""Fixtures shared by the tracking, evaluation, registry and lm-eval tests (import them into a test module).
+
+    from conftest_mlflow import mlflow_server, trained_tiny  # noqa: F401
+
+- `mlflow_server`: one real `mlflow server` subprocess on 127.0.0.1 (a free port, sqlite store in a temporary
+  folder, job consumers off) for the whole session, stopped by its process group when the session ends.
+- `trained_tiny`: the `tiny` LoopLM trained on synthetic biographies as the demo does, but shorter: a Stage I
+  checkpoint, then the same LM after Stage II gate training; both saved with their tokenizer.
+
+Both are made once per session however many modules import them (a module-level cache: pytest would otherwise
+make one per importing module), so the server starts and the model trains once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing may be downloaded at run time, and MLflow must not try to phone home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+_shared: dict[str, object] = {}
+
+
+def _session_folder(config: pytest.Config) -> Path:
+    if "folder" not in _shared:
+        folder = Path(tempfile.mkdtemp(prefix="looplm-mlflow-tests-"))
+        _shared["folder"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        os.environ.setdefault("LOOPLM_MODEL_CACHE", str(folder / "model-cache"))
+    return _shared["folder"]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request: pytest.FixtureRequest):
+    from looplm.infra.mlflow_server import MlflowServer, MlflowServerConfig
+
+    if "server" not in _shared:
+        root = _session_folder(request.config) / "mlflow"
+        server = MlflowServer(MlflowServerConfig(root=str(root))).start()
+        _shared["server"] = server
+        request.config.add_cleanup(server.stop)
+    return _shared["server"]
+
+
+@dataclass(frozen=True)
+class TrainedTiny:
+    stage1: Path  # checkpoint after Stage I (LM and gate)
+    stage2: Path  # the same LM after Stage II (gate only)
+    valid: torch.Tensor  # held-out packed rows [n, seq_len + 1]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(request: pytest.FixtureRequest) -> TrainedTiny:
+    if "tiny" not in _shared:
+        # One thread: on 2 cores shared with other jobs, two threads thrash (measured 4x slower under load).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _shared["tiny"] = _train_tiny(_session_folder(request.config) / "tiny")
+        finally:
+            torch.set_num_threads(threads)
+    return _shared["tiny"]  # type: ignore[return-value]
+
+
+def _train_tiny(folder: Path) -> TrainedTiny:
+    from looplm.model import LoopLM, LoopLMConfig
+    from looplm.model.tokenizer import END_OF_DOCUMENT, PAD, special_token_id, train_byte_level_bpe
+    from looplm.pipelines import synthetic
+    from looplm.pipelines.reference_train import TrainSettings, pack_documents, train
+
+    torch.manual_seed(0)
+    texts = synthetic.biographies(300, seed=0, exposures=4)
+    config = LoopLMConfig.preset("tiny")
+    tokenizer = train_byte_level_bpe(texts, config.vocab_size)
+    eod = special_token_id(tokenizer, END_OF_DOCUMENT)
+    config = dataclasses.replace(
+        config, bos_token_id=eod, eos_token_id=eod, pad_token_id=special_token_id(tokenizer, PAD)
+    )
+    rows = pack_documents((e.ids for e in tokenizer.encode_batch(texts)), eod, 64)
+    valid, train_rows = rows[:16], rows[16:]
+    model = LoopLM(config)
+    train(model, train_rows, TrainSettings(steps=100, batch_size=16, lr=3e-3, warmup_steps=10, beta=0.05))
+    stage1 = model.save_pretrained(folder / "stage1", tokenizer=tokenizer)
+    train(model, train_rows, TrainSettings(steps=30, batch_size=16, lr=1e-2, warmup_steps=3, stage="stage2"))
+    stage2 = model.save_pretrained(folder / "stage2", tokenizer=tokenizer)
+    return TrainedTiny(stage1=stage1, stage2=stage2, valid=valid)

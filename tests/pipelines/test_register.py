@@ -1,0 +1,113 @@
+"""A pipeline-style run: evaluate, register, and load the registered model back by models:/ URI."""
+
+import dataclasses
+
+import mlflow
+import pytest
+import torch
+from conftest_mlflow import mlflow_server, trained_tiny  # noqa: F401 (fixtures)
+from mlflow.tracking import MlflowClient
+
+from looplm.infra.tracking import pipeline_run, step_run
+from looplm.model import QExit, load_pretrained
+from looplm.model.checkpoint import CheckpointError
+from looplm.model.hub import ModelNotFoundError, resolve_model_dir
+from looplm.model.tokenizer import load_tokenizer
+from looplm.pipelines import evaluate
+from looplm.pipelines.register import register_model
+
+
+@pytest.mark.slow
+def test_pipeline_run_registers_a_version_that_loads_back_identically(trained_tiny, mlflow_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    config = evaluate.EvalConfig(
+        model=str(trained_tiny.stage2),
+        max_steps=5,
+        data=evaluate.EvalData(people=30, seq_len=64, max_sequences=6),
+        experiment="test-register",
+    )
+    with pipeline_run("pipeline", config={"eval": dataclasses.asdict(config)}, experiment="test-register") as run:
+        with step_run(run, "train") as train_step:
+            train_step.log_metrics({"loss": 2.5}, step=10)
+        with step_run(run, "evaluate", config=config) as eval_step:
+            table = evaluate.run(config, eval_step)
+        summary = next(r for r in table if r["kind"] == "step" and r["step"] == 4)
+        with step_run(run, "register") as register_step:
+            version = register_model(
+                trained_tiny.stage2,
+                "looplm-test-tiny",
+                run=register_step,
+                metrics={"val_loss": summary["loss"], "val_acc": summary["acc"]},
+                training_run_id=train_step.run_id,
+                alias="candidate",
+            )
+
+    client = MlflowClient(mlflow_server.url)
+    children = client.search_runs(
+        [client.get_run(run.run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'"
+    )
+    assert sorted(c.data.tags["looplm.step"] for c in children) == ["evaluate", "register", "train"]
+    assert client.get_run(run.run_id).data.params["eval.max_steps"] == "5"
+    assert len(client.get_metric_history(eval_step.run_id, "val_loss_by_step")) == 5
+    assert {a.path for a in client.list_artifacts(eval_step.run_id, "plots")} == {
+        "plots/loss_by_step.png",
+        "plots/compute_quality.png",
+        "plots/exit_histogram.png",
+    }
+
+    # The version: training run linked, evaluation metrics attached, artifacts = the Ouro checkpoint folder.
+    registered = client.get_model_version("looplm-test-tiny", version.version)
+    assert registered.run_id == train_step.run_id
+    assert registered.tags["looplm.training_run_id"] == train_step.run_id
+    assert float(registered.tags["metric.val_loss"]) == pytest.approx(summary["loss"], rel=1e-5)
+    assert registered.source.startswith("models:/m-")
+    logged = client.get_logged_model(registered.model_id or registered.source.removeprefix("models:/"))
+    assert {m.key for m in logged.metrics} == {"val_loss", "val_acc"}
+    folder = resolve_model_dir(f"models:/looplm-test-tiny/{version.version}")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+
+    original = load_pretrained(trained_tiny.stage2)
+    ids = trained_tiny.valid[:3, :-1]
+    for uri in (f"models:/looplm-test-tiny/{version.version}", "models:/looplm-test-tiny@candidate"):
+        loaded = load_pretrained(uri)
+        for a, b in zip(original(ids).logits, loaded(ids).logits, strict=True):
+            assert torch.equal(a, b)
+
+    # Evaluating the registered model by URI gives the checkpoint's own figures.
+    by_uri = evaluate.run(dataclasses.replace(config, model="models:/looplm-test-tiny@candidate"))
+    assert [r["loss"] for r in by_uri if r["kind"] == "step"] == [r["loss"] for r in table if r["kind"] == "step"]
+
+    # The pyfunc flavour generates text, loaded without unpickling a model class.
+    generator = mlflow.pyfunc.load_model(f"models:/looplm-test-tiny/{version.version}")
+    tokenizer = load_tokenizer(trained_tiny.stage2)
+    prompt = "Garloan Fibriis Veldenbri was born on"
+    texts = generator.predict([prompt], params={"max_new_tokens": 8, "exit_threshold": 0.5})
+    direct = original.generate(
+        [tokenizer.encode(prompt).ids],
+        max_new_tokens=8,
+        exit_policy=QExit(0.5),
+        stop_token_ids=[original.config.eos_token_id],
+    )
+    assert texts == [tokenizer.decode(direct.tokens[0])]
+
+
+@pytest.mark.slow  # needs the session's server (and model)
+def test_unknown_model_uri_is_named(mlflow_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    with pytest.raises(ModelNotFoundError, match="models:/no-such-model/3"):
+        load_pretrained("models:/no-such-model/3")
+    with pytest.raises(ModelNotFoundError, match="models:/no-such-model@best"):
+        resolve_model_dir("models:/no-such-model@best")
+    with pytest.raises(ModelNotFoundError, match="not models:/NAME/VERSION"):
+        resolve_model_dir("models:/a/b/c")
+
+
+@pytest.mark.slow  # needs the session's server (and model)
+def test_registering_a_folder_without_tokenizer_is_refused(trained_tiny, mlflow_server, tmp_path):  # noqa: F811
+    model = load_pretrained(trained_tiny.stage2)
+    model.save_pretrained(tmp_path / "bare")
+    with pipeline_run("bad-register", experiment="test-register", tracking_uri=mlflow_server.url) as run:
+        with pytest.raises(CheckpointError, match="tokenizer.json"):
+            register_model(tmp_path / "bare", "looplm-test-bare", run=run)
+        with pytest.raises(CheckpointError, match="does not exist"):
+            register_model(tmp_path / "missing", "looplm-test-bare", run=run)
