@@ -15,7 +15,7 @@ CONFIG = LoopLMConfig.preset("tiny", vocab_size=97, num_hidden_layers=2, total_u
 def _model(config=CONFIG):
     model = LoopLM(config)
     with torch.no_grad():  # non-trivial norm gains and gate bias, so a mix-up of norms shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
@@ -27,9 +27,7 @@ class Unrolled(torch.nn.Module):
     def __init__(self, looped: LoopLM, steps: int):
         super().__init__()
         self.looped = looped
-        self.layers = torch.nn.ModuleList(
-            copy.deepcopy(layer) for _ in range(steps) for layer in looped.model.layers
-        )
+        self.layers = torch.nn.ModuleList(copy.deepcopy(layer) for _ in range(steps) for layer in looped.model.layers)
         self.norms = torch.nn.ModuleList(copy.deepcopy(looped.model.norm) for _ in range(steps))
         self.embed = copy.deepcopy(looped.model.embed_tokens)
         self.head = copy.deepcopy(looped.lm_head)

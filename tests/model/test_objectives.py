@@ -80,10 +80,7 @@ def _naive_stage2(model, ids, labels, k=50.0, gamma=0.005):
     steps = len(out.logits)
     counted = labels != IGNORE_INDEX
     ce = torch.stack(
-        [
-            F.cross_entropy(out.logits[t][counted], labels[counted], reduction="none").detach()
-            for t in range(steps)
-        ]
+        [F.cross_entropy(out.logits[t][counted], labels[counted], reduction="none").detach() for t in range(steps)]
     )
     lam = torch.sigmoid(out.gate_logits[counted]).T  # [T, tokens]
     total = 0.0
