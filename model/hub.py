@@ -63,7 +63,9 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
             )
             identity = f"{tracking_uri}|{version.source}|{version.run_id}"
             label = f"{name}-v{version.version}"
-            download_uri = f"models:/{name}/{version.version}"
+            # The version's own artifact location: a models:/ URI would be resolved by MLflow against the
+            # process-wide registry URI (mlflow.get_registry_uri()), not against the server asked for here.
+            download_uri = client.get_model_version_download_uri(name, version.version)
         elif uri.startswith("models:/"):
             raise ModelNotFoundError(f"model URI {uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
         else:

@@ -488,8 +488,7 @@ def _curate(config: CurateConfig, output: Path) -> dict:
     folder = reporting.write_report(output / "report", report, stats)
     tracking_uri = config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
-        params = reporting.flatten(to_dict(config))
-        report["mlflow_run_id"] = reporting.log_to_mlflow(folder, report, params, tracking_uri)
+        report["mlflow_run_id"] = reporting.log_to_mlflow(folder, report, config, tracking_uri)
     (output / "_SUCCESS").write_text("")
     return report
 

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+# The MLflow server and trained-model fixtures, shared by tests in several folders.
+pytest_plugins = ("conftest_mlflow",)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

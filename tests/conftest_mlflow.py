@@ -1,22 +1,17 @@
-"""Fixtures shared by the tracking, evaluation, registry and lm-eval tests (import them into a test module).
-
-    from conftest_mlflow import mlflow_server, trained_tiny  # noqa: F401
+"""Fixtures shared by the tracking, evaluation, registry and lm-eval tests (a plugin: tests/conftest.py loads it).
 
 - `mlflow_server`: one real `mlflow server` subprocess on 127.0.0.1 (a free port, sqlite store in a temporary
   folder, job consumers off) for the whole session, stopped by its process group when the session ends.
 - `trained_tiny`: the `tiny` LoopLM trained on synthetic biographies as the demo does, but shorter: a Stage I
   checkpoint, then the same LM after Stage II gate training; both saved with their tokenizer.
 
-Both are made once per session however many modules import them (a module-level cache: pytest would otherwise
-make one per importing module), so the server starts and the model trains once.
+Both are session-scoped: the server starts and the model trains once, on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,28 +23,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-_shared: dict[str, object] = {}
 
-
-def _session_folder(config: pytest.Config) -> Path:
-    if "folder" not in _shared:
-        folder = Path(tempfile.mkdtemp(prefix="looplm-mlflow-tests-"))
-        _shared["folder"] = folder
-        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-        os.environ.setdefault("LOOPLM_MODEL_CACHE", str(folder / "model-cache"))
-    return _shared["folder"]  # type: ignore[return-value]
+@pytest.fixture(scope="session")
+def session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("looplm-mlflow-tests")
+    os.environ.setdefault("LOOPLM_MODEL_CACHE", str(folder / "model-cache"))
+    return folder
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(request: pytest.FixtureRequest):
+def mlflow_server(session_folder: Path):
     from looplm.infra.mlflow_server import MlflowServer, MlflowServerConfig
 
-    if "server" not in _shared:
-        root = _session_folder(request.config) / "mlflow"
-        server = MlflowServer(MlflowServerConfig(root=str(root))).start()
-        _shared["server"] = server
-        request.config.add_cleanup(server.stop)
-    return _shared["server"]
+    server = MlflowServer(MlflowServerConfig(root=str(session_folder / "mlflow"))).start()
+    yield server
+    server.stop()
 
 
 @dataclass(frozen=True)
@@ -60,16 +48,14 @@ class TrainedTiny:
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(request: pytest.FixtureRequest) -> TrainedTiny:
-    if "tiny" not in _shared:
-        # One thread: on 2 cores shared with other jobs, two threads thrash (measured 4x slower under load).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _shared["tiny"] = _train_tiny(_session_folder(request.config) / "tiny")
-        finally:
-            torch.set_num_threads(threads)
-    return _shared["tiny"]  # type: ignore[return-value]
+def trained_tiny(session_folder: Path) -> TrainedTiny:
+    # One thread: on 2 cores shared with other jobs, two threads thrash (measured 4x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_tiny(session_folder / "tiny")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train_tiny(folder: Path) -> TrainedTiny:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -273,43 +274,33 @@ def write_report(folder: Path, report: dict, stats: pd.DataFrame) -> Path:
     return folder
 
 
-def log_to_mlflow(folder: Path, report: dict, params: dict, tracking_uri: str) -> str:
-    """One MLflow run (nested under an active one) with the config as params, the counts and scores as metrics,
-    and the report folder as artifacts; returns the run id."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.active_run() is None:
-        mlflow.set_experiment("looplm-curate")
-    with mlflow.start_run(run_name="curate", nested=mlflow.active_run() is not None) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        metrics = {"documents_read": report["documents_read"], "documents_kept": report["documents_kept"]}
-        metrics["quarantined"] = report["quarantined"]
-        metrics["tokens_kept"] = report["tokens_kept"]
-        for row in report["steps"]:
-            metrics[f"removed_{row['step']}"] = row["docs_removed"]
-        for check, entry in report["planted"].items():
-            if entry.get("precision") is not None:
-                metrics[f"{check}_precision"] = entry["precision"]
-            if check == "pii":
-                if entry["recall"] is not None:
-                    metrics["pii_recall"] = entry["recall"]
-                continue
-            for defect, rec in entry["recall"].items():
-                if rec["recall"] is not None:
-                    metrics[f"{defect}_recall"] = rec["recall"]
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifacts(str(folder), artifact_path="curation_report")
-        return run.info.run_id
+def report_metrics(report: dict) -> dict[str, float]:
+    """The report's counts and planted-defect scores as flat MLflow metrics."""
+    metrics = {"documents_read": report["documents_read"], "documents_kept": report["documents_kept"]}
+    metrics["quarantined"] = report["quarantined"]
+    metrics["tokens_kept"] = report["tokens_kept"]
+    for row in report["steps"]:
+        metrics[f"removed_{row['step']}"] = row["docs_removed"]
+    for check, entry in report["planted"].items():
+        if entry.get("precision") is not None:
+            metrics[f"{check}_precision"] = entry["precision"]
+        if check == "pii":
+            if entry["recall"] is not None:
+                metrics["pii_recall"] = entry["recall"]
+            continue
+        for defect, rec in entry["recall"].items():
+            if rec["recall"] is not None:
+                metrics[f"{defect}_recall"] = rec["recall"]
+    return metrics
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def log_to_mlflow(folder: Path, report: dict, config: Any, tracking_uri: str) -> str:
+    """One tracked run (looplm.infra.tracking: no global MLflow state is touched) with the config as params, the
+    counts and scores as metrics and the report folder as artifacts; returns the run id."""
+    from looplm.infra.tracking import pipeline_run
+
+    with pipeline_run("curate", config=config, experiment="looplm-curate", tracking_uri=tracking_uri) as run:
+        run.log_metrics(report_metrics(report))
+        for path in sorted(folder.iterdir()):
+            run.log_artifact(path, "curation_report")
+    return run.run_id

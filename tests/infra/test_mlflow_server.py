@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest_mlflow import mlflow_server  # noqa: F401 (a fixture)
 
 from looplm.infra.mlflow_server import (
     MlflowServer,
@@ -43,7 +42,7 @@ def test_server_starts_healthy_without_job_consumers_and_stops_its_process_group
 
 
 @pytest.mark.slow  # starts the session's server
-def test_existing_server_is_reused_through_the_environment(mlflow_server, monkeypatch):  # noqa: F811
+def test_existing_server_is_reused_through_the_environment(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     uri, started = ensure_tracking_server()
     assert uri == mlflow_server.url and started is None

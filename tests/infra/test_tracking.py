@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest_mlflow import mlflow_server  # noqa: F401 (a fixture)
 from mlflow.tracking import MlflowClient
 
 from looplm.infra.mlflow_server import MlflowServer, MlflowServerConfig, free_port
@@ -43,7 +42,7 @@ def test_code_version_is_the_checkout_commit_and_dirty_flag():
 
 
 @pytest.mark.slow  # starts the session's server
-def test_pipeline_run_with_nested_step_runs(mlflow_server):  # noqa: F811
+def test_pipeline_run_with_nested_step_runs(mlflow_server):
     config = Outer(inner=Inner(steps=5))
     with pipeline_run("pipeline", config=config, experiment="test-tracking", tracking_uri=mlflow_server.url) as run:
         with step_run(run, "evaluate", config=config.inner) as step:
@@ -69,7 +68,7 @@ def test_pipeline_run_with_nested_step_runs(mlflow_server):  # noqa: F811
 
 
 @pytest.mark.slow  # starts the session's server
-def test_a_failing_step_marks_its_run_failed(mlflow_server):  # noqa: F811
+def test_a_failing_step_marks_its_run_failed(mlflow_server):
     with (
         pytest.raises(RuntimeError, match="boom"),
         pipeline_run("failing", experiment="test-tracking", tracking_uri=mlflow_server.url) as run,

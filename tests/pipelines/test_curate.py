@@ -170,11 +170,13 @@ def test_curate_cli_end_to_end(local_ray, tmp_path):
     assert manifest["eod_id"] == 0 and manifest["pad_id"] == 3
 
     # Logged to MLflow.
-    mlflow.set_tracking_uri(config["mlflow_tracking_uri"])
-    run = mlflow.get_run(report["mlflow_run_id"]) if "mlflow_run_id" in report else None
-    runs = mlflow.search_runs(experiment_names=["looplm-curate"])
-    assert len(runs) == 1 and runs["metrics.decontam_precision"].iloc[0] == 1.0
-    assert run is None or run.info.status == "FINISHED"
+    client = mlflow.MlflowClient(config["mlflow_tracking_uri"])  # no global tracking URI: it would leak
+    experiment = client.get_experiment_by_name("looplm-curate")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["decontam_precision"] == 1.0 and run.info.status == "FINISHED"
+    assert run.data.params["langid.threshold"] == "0.65"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "curation_report")}
+    assert {"curation_report/report.json", "curation_report/lengths.png"} <= artifacts
 
 
 def test_missing_or_unfit_source_fails_naming_it(local_ray, tmp_path):

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest_mlflow import mlflow_server, trained_tiny  # noqa: F401 (fixtures)
 from mlflow.tracking import MlflowClient
 
 from looplm.infra.configs import ConfigFileError
@@ -19,7 +18,7 @@ GRID = ExitGrid(q_thresholds=(0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
 
 
 @pytest.fixture(scope="module")
-def table(trained_tiny):  # noqa: F811
+def table(trained_tiny):
     model = load_pretrained(trained_tiny.stage2)
     stage1 = load_pretrained(trained_tiny.stage1)
     return evaluate_model(model, trained_tiny.valid, max_steps=6, exits=GRID, stage1_model=stage1)
@@ -30,7 +29,7 @@ def _rows(table, kind, gate="model"):
 
 
 @pytest.mark.slow  # trains the session's tiny model
-def test_per_step_loss_matches_the_training_code_and_extrapolates(table, trained_tiny):  # noqa: F811
+def test_per_step_loss_matches_the_training_code_and_extrapolates(table, trained_tiny):
     steps = _rows(table, "step")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["extrapolated"] for r in steps] == [False] * 4 + [True] * 2
@@ -94,7 +93,7 @@ def test_bad_eval_config_and_missing_checkpoint_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_looplm_eval_logs_to_the_current_tracking_server(trained_tiny, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
+def test_looplm_eval_logs_to_the_current_tracking_server(trained_tiny, mlflow_server, tmp_path, monkeypatch):
     config = {
         "model": str(trained_tiny.stage2),
         "stage1_model": str(trained_tiny.stage1),

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_mlflow import trained_tiny  # noqa: F401 (a fixture)
 
 from looplm.model import load_pretrained
 from looplm.model.tokenizer import load_tokenizer
@@ -11,7 +10,7 @@ from looplm.pipelines.lm_eval_adapter import SMOKE_TASKS, TASK_DIR, LoopLMHarnes
 
 
 @pytest.fixture(scope="module")
-def smoke(trained_tiny):  # noqa: F811
+def smoke(trained_tiny):
     return run_tasks(str(trained_tiny.stage2), ["looplm_smoke"], num_steps=4, log_samples=True, batch_size=8)
 
 
@@ -42,7 +41,7 @@ def test_smoke_tasks_run_end_to_end_through_the_evaluator(smoke):
 
 
 @pytest.mark.slow  # trains the session's tiny model
-def test_multiple_choice_loglikelihoods_equal_the_reference_models_scoring(smoke, trained_tiny):  # noqa: F811
+def test_multiple_choice_loglikelihoods_equal_the_reference_models_scoring(smoke, trained_tiny):
     model = load_pretrained(trained_tiny.stage2)
     tokenizer = load_tokenizer(trained_tiny.stage2)
     checked = 0
@@ -57,7 +56,7 @@ def test_multiple_choice_loglikelihoods_equal_the_reference_models_scoring(smoke
 
 
 @pytest.mark.slow  # trains the session's tiny model
-def test_rolling_loglikelihoods_equal_the_reference_models_scoring(smoke, trained_tiny):  # noqa: F811
+def test_rolling_loglikelihoods_equal_the_reference_models_scoring(smoke, trained_tiny):
     model = load_pretrained(trained_tiny.stage2)
     tokenizer = load_tokenizer(trained_tiny.stage2)
     for sample in smoke["samples"]["looplm_bios_text"][:5]:
@@ -68,7 +67,7 @@ def test_rolling_loglikelihoods_equal_the_reference_models_scoring(smoke, traine
 
 
 @pytest.mark.slow  # trains the session's tiny model
-def test_generate_until_is_greedy_decoding_cut_at_the_stop_sequence(smoke, trained_tiny):  # noqa: F811
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_sequence(smoke, trained_tiny):
     model = load_pretrained(trained_tiny.stage2)
     tokenizer = load_tokenizer(trained_tiny.stage2)
     for sample in smoke["samples"]["looplm_bios_birth_date"][:4]:
@@ -80,7 +79,7 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_sequence(smoke, train
 
 
 @pytest.mark.slow  # trains the session's tiny model
-def test_recurrent_steps_and_exit_threshold_are_model_arguments(trained_tiny):  # noqa: F811
+def test_recurrent_steps_and_exit_threshold_are_model_arguments(trained_tiny):
     model = load_pretrained(trained_tiny.stage2)
     tokenizer = load_tokenizer(trained_tiny.stage2)
     context, continuation = [tokenizer.encode("Mico Raelgar Velishu was born on").ids], [tokenizer.encode(" May").ids]

@@ -5,7 +5,6 @@ import dataclasses
 import mlflow
 import pytest
 import torch
-from conftest_mlflow import mlflow_server, trained_tiny  # noqa: F401 (fixtures)
 from mlflow.tracking import MlflowClient
 
 from looplm.infra.tracking import pipeline_run, step_run
@@ -18,7 +17,12 @@ from looplm.pipelines.register import register_model
 
 
 @pytest.mark.slow
-def test_pipeline_run_registers_a_version_that_loads_back_identically(trained_tiny, mlflow_server, monkeypatch):  # noqa: F811
+def test_pipeline_run_registers_a_version_that_loads_back_identically(
+    trained_tiny,
+    mlflow_server,
+    monkeypatch,
+    tmp_path,
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     config = evaluate.EvalConfig(
         model=str(trained_tiny.stage2),
@@ -90,9 +94,18 @@ def test_pipeline_run_registers_a_version_that_loads_back_identically(trained_ti
     )
     assert texts == [tokenizer.decode(direct.tokens[0])]
 
+    # Resolving a URI asks the server it is given, whatever the process's global MLflow settings say
+    # (mlflow.set_tracking_uri elsewhere in a process sets both of these).
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.setenv("LOOPLM_MODEL_CACHE", str(tmp_path / "fresh-cache"))
+    folder = resolve_model_dir("models:/looplm-test-tiny@candidate", tracking_uri=mlflow_server.url)
+    assert (folder / "config.json").is_file() and str(folder).startswith(str(tmp_path / "fresh-cache"))
+
 
 @pytest.mark.slow  # needs the session's server (and model)
-def test_unknown_model_uri_is_named(mlflow_server, monkeypatch):  # noqa: F811
+def test_unknown_model_uri_is_named(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     with pytest.raises(ModelNotFoundError, match="models:/no-such-model/3"):
         load_pretrained("models:/no-such-model/3")
@@ -103,7 +116,7 @@ def test_unknown_model_uri_is_named(mlflow_server, monkeypatch):  # noqa: F811
 
 
 @pytest.mark.slow  # needs the session's server (and model)
-def test_registering_a_folder_without_tokenizer_is_refused(trained_tiny, mlflow_server, tmp_path):  # noqa: F811
+def test_registering_a_folder_without_tokenizer_is_refused(trained_tiny, mlflow_server, tmp_path):
     model = load_pretrained(trained_tiny.stage2)
     model.save_pretrained(tmp_path / "bare")
     with pipeline_run("bad-register", experiment="test-register", tracking_uri=mlflow_server.url) as run:
