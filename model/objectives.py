@@ -116,8 +116,19 @@ def stage2_loss(
     with torch.no_grad():
         out = model(input_ids, num_steps, attention_mask=attention_mask, return_logits=False)
         ce = torch.stack([step_token_losses(model, h, labels) for h in out.hidden_states], dim=-1)
+    gate_logits = torch.stack([model.exit_gate(h) for h in out.hidden_states], dim=-1)
+    return stage2_from_step_losses(ce, gate_logits, counted, k=k, gamma=gamma)
+
+
+def stage2_from_step_losses(
+    ce: torch.Tensor, gate_logits: torch.Tensor, counted: torch.Tensor, *, k: float, gamma: float
+) -> LossOutput:
+    """The Stage II loss from detached per-token CE and the gate logits, both [..., T], over `counted` tokens.
+
+    Shared by the reference and the Megatron model (whose tensors are [seq, batch, T]).
+    """
     steps = ce.shape[-1]
-    gate_logits = torch.stack([model.exit_gate(h) for h in out.hidden_states], dim=-1).float()
+    gate_logits = gate_logits.float()
     improvement = (ce[..., :-1] - ce[..., 1:]).clamp_min(0.0)  # I_t for t = 2..T
     target = torch.sigmoid(k * (improvement - gamma))
     # BCE(1 - lambda, w) with 1 - lambda = sigmoid(-gate_logit), in the numerically stable logits form.

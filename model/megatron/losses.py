@@ -11,10 +11,8 @@ Tensors are megatron's [seq, batch]; inputs and labels come in the reference's [
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..looplm import exit_distribution
-from ..objectives import IGNORE_INDEX, STAGE2_GAMMA, STAGE2_K, LossOutput
+from ..objectives import IGNORE_INDEX, STAGE2_GAMMA, STAGE2_K, LossOutput, stage2_from_step_losses
 
 
 def _labels_sb(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,16 +85,5 @@ def stage2_loss(
             states.append(h)
             ces.append(model.step_token_losses(h, labels))
     ce = torch.stack(ces, dim=-1)  # [seq, batch, T]
-    gate_logits = torch.stack([model.exit_gate_logits(h) for h in states], dim=-1).float()
-    improvement = (ce[..., :-1] - ce[..., 1:]).clamp_min(0.0)
-    target = torch.sigmoid(k * (improvement - gamma))
-    bce = F.binary_cross_entropy_with_logits(-gate_logits[..., 1:], target, reduction="none")
-    loss = bce[counted].mean(0).sum() / num_steps if num_steps > 1 else gate_logits.sum() * 0.0
-    p = exit_distribution(gate_logits.detach())
-    return LossOutput(
-        loss=loss,
-        ce_per_step=ce[counted].mean(0),
-        exit_probs_mean=p[counted].mean(0),
-        entropy=(-torch.special.xlogy(p, p).sum(-1))[counted].mean(),
-        num_tokens=int(counted.sum()),
-    )
+    gate_logits = torch.stack([model.exit_gate_logits(h) for h in states], dim=-1)
+    return stage2_from_step_losses(ce, gate_logits, counted, k=k, gamma=gamma)
