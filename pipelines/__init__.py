@@ -1,0 +1,1 @@
+"""looplm.pipelines: one module per DAG step: synthetic data, curation, training, evaluation, registration."""
