@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,14 +76,51 @@ def read_metrics(output: str | Path) -> list[dict[str, Any]]:
     return [by_step[key] for key in sorted(by_step)]
 
 
+@contextmanager
+def following(path: Path, on_record: Callable[[dict[str, Any]], None] | None) -> Iterator[None]:
+    """Call on_record for each record appended to the metrics file while the block runs (live progress)."""
+    if on_record is None:
+        yield
+        return
+    done = threading.Event()
+    seen = path.stat().st_size if path.exists() else 0
+
+    def poll() -> None:
+        nonlocal seen
+        while True:
+            finished = done.wait(0.5)
+            if path.exists() and path.stat().st_size > seen:
+                with open(path) as source:
+                    source.seek(seen)
+                    chunk = source.read()
+                complete = chunk[: chunk.rfind("\n") + 1]  # a line still being written waits for the next poll
+                seen += len(complete.encode())
+                for line in complete.splitlines():
+                    on_record(json.loads(line))
+            if finished:
+                return
+
+    thread = threading.Thread(target=poll, name="metrics-follower", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def launch(
     config: PretrainConfig,
     output: str | Path,
     *,
     ray_address: str | None = None,
     inject_failure_at_step: int | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> PretrainResult:
-    """Run `config` as a Ray Train job on the cluster at ray_address / $RAY_ADDRESS, or on a local Ray."""
+    """Run `config` as a Ray Train job on the cluster at ray_address / $RAY_ADDRESS, or on a local Ray.
+
+    on_record, when given, sees each logged record as the job writes it (the CLI prints them as progress).
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -113,7 +153,8 @@ def launch(
                 failure_config=FailureConfig(max_failures=config.launch.max_failures),
             ),
         )
-        trainer.fit()
+        with following(output / METRICS_FILE, on_record):
+            trainer.fit()
     restarts = 1 if (output / ".injected_failure").exists() else 0
     return PretrainResult(output, read_metrics(output), checkpointing.latest(output / "checkpoints"), restarts)
 
@@ -129,6 +170,18 @@ def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: 
             run.log_metrics(metrics, step=int(record["step"]))
 
 
+def print_record(record: dict[str, Any]) -> None:
+    if "loss" in record:
+        print(
+            f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+            f"lr {record['lr']:.2e}  T {record['recurrent_steps']}  tok/s {record['tokens_per_s']:.0f}  "
+            f"TFLOP/s {record['model_tflops_per_s']:.4f}",
+            flush=True,
+        )
+    else:
+        print(f"step {record['step']:>6}  validation loss {record['valid_loss']:.4f}", flush=True)
+
+
 def run_from_args(args) -> int:
     """`looplm train CONFIG [overrides] [--output DIR]`."""
     config = load_config(PretrainConfig, args.config, list(args.overrides or []))
@@ -138,16 +191,7 @@ def run_from_args(args) -> int:
         f"training {config.model.preset} ({parallel.transformer_impl} layers, TP={parallel.tensor_parallel}"
         f" x DP={config.launch.data_parallel}, {config.train.objective}) for {config.train.steps} steps -> {output}"
     )
-    result = launch(config, output)
-    for record in result.records:
-        if "loss" in record:
-            print(
-                f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
-                f"lr {record['lr']:.2e}  T {record['recurrent_steps']}  tok/s {record['tokens_per_s']:.0f}  "
-                f"TFLOP/s {record['model_tflops_per_s']:.4f}"
-            )
-        else:
-            print(f"validation loss {record['valid_loss']:.4f}")
+    result = launch(config, output, on_record=print_record)
     print(f"latest checkpoint: {result.checkpoint}")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         log_to_mlflow(config, result)

@@ -53,6 +53,8 @@ def test_looplm_train_cli_trains_the_tiny_preset_and_its_loss_falls(tmp_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "latest checkpoint:" in done.stdout
+    progress = [line for line in done.stdout.splitlines() if line.startswith("step ") and "loss" in line]
+    assert len(progress) >= 10  # every logged interval printed as it happened, plus validation
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
