@@ -165,6 +165,30 @@ def train(rank: int, world_size: int, runs: list[tuple]) -> list[list]:
     return [train_on_rank(config, output, stop_after=stop_after) for config, output, stop_after in runs]
 
 
+def train_with_poisoned_steps(rank: int, world_size: int, config, output: str, poisoned: list[int]) -> list:
+    """A clean run and a run whose loss is NaN at the given 0-based optimizer steps (the model's forward is
+    wrapped in this process only), one after the other: (clean records, poisoned records)."""
+    from looplm.model.megatron.model import MegatronLoopLM
+    from looplm.pipelines.training.trainer import train_on_rank
+
+    clean = train_on_rank(config, output + "-clean")
+    original, calls = MegatronLoopLM.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        step = calls[0] // config.accumulation_steps
+        calls[0] += 1
+        if self.training and step in poisoned:
+            out.loss = out.loss * float("nan")
+        return out
+
+    MegatronLoopLM.forward = forward
+    try:
+        return [clean, train_on_rank(config, output + "-poisoned")]
+    finally:
+        MegatronLoopLM.forward = original
+
+
 def train_expecting_error(rank: int, world_size: int, config, output: str) -> str:
     from looplm.pipelines.training.trainer import train_on_rank
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from _mcore_spawn import run_ranks
-from _mcore_workers import train, train_expecting_error
+from _mcore_workers import train, train_expecting_error, train_with_poisoned_steps
 
 from looplm.infra.configs import load_config
 from looplm.model import LoopLM, LoopLMConfig
@@ -122,3 +122,21 @@ def test_non_finite_losses_are_skipped_then_abort(tmp_path):
     config = _config("train.steps=10", f"train.init_from_hf={tmp_path / 'nan-model'}", "train.max_nonfinite_in_a_row=3")
     (message,) = run_ranks(train_expecting_error, 1, tmp_path, config=config, output=str(tmp_path / "run"))
     assert message.startswith("NonFiniteLossError: 3 steps in a row had a non-finite loss"), message
+
+
+def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path):
+    """Step 3's loss is NaN: no update happens there, the skip is counted, and the run finishes finite."""
+    config = _config("train.steps=6", "train.checkpoint_interval=6", "train.max_nonfinite_in_a_row=2")
+    clean, poisoned = run_ranks(
+        train_with_poisoned_steps, 1, tmp_path, config=config, output=str(tmp_path / "run"), poisoned=[3]
+    )[0]
+    clean_steps = {r["step"]: r for r in clean if "loss" in r}
+    logged = {r["step"]: r for r in poisoned if "loss" in r}
+    assert sorted(logged) == [1, 2, 3, 5, 6]  # step 4 (0-based 3) skipped: nothing logged for it
+    for step in (1, 2, 3):  # identical until the poisoned step
+        assert logged[step]["loss"] == clean_steps[step]["loss"]
+    assert logged[6]["skipped_steps"] == 1 and clean_steps[6]["skipped_steps"] == 0
+    # Had the NaN step updated the weights, every later loss would be NaN; having skipped an update, the run
+    # is on a different (finite) trajectory from the clean one.
+    assert all(math.isfinite(r["loss"]) for r in logged.values())
+    assert logged[5]["loss"] != clean_steps[5]["loss"]
