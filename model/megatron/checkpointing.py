@@ -125,8 +125,12 @@ def save(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
+    keep: int | None = None,
 ) -> Path:
-    """Write step_<step>/ atomically and point `latest` at it (collective). Returns the final folder."""
+    """Write step_<step>/ atomically and point `latest` at it (collective). Returns the final folder.
+
+    With `keep`, only the newest `keep` complete checkpoints remain; older ones go after `latest` has moved.
+    """
     root = Path(root)
     final, staging = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
     if _rank() == 0:
@@ -147,6 +151,10 @@ def save(
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / LATEST)
+        if keep is not None:
+            complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in complete[:-keep]:
+                shutil.rmtree(old)
     _barrier()
     return final
 

@@ -93,6 +93,7 @@ class TrainLoopConfig:
     objective: str = "stage1"  # stage1: LM and gate; stage2: gate only, LM frozen
     log_interval: int = 10
     checkpoint_interval: int = 50
+    keep_checkpoints: int | None = None  # the newest N complete checkpoints are kept; None keeps them all
     max_nonfinite_in_a_row: int = 5  # K: that many skipped steps in a row abort the run
     init_from_hf: str | None = None  # an Ouro HF folder to start from (fine-tuning, or Stage II after Stage I)
     seed: int = 0
@@ -102,6 +103,8 @@ class TrainLoopConfig:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.steps < 1 or self.log_interval < 1 or self.checkpoint_interval < 1 or self.max_nonfinite_in_a_row < 1:
             raise ConfigError("train.steps, log_interval, checkpoint_interval and max_nonfinite_in_a_row must be >= 1")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be >= 1 or null, got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)

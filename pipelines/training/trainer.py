@@ -197,7 +197,9 @@ def train_on_rank(
             interval_start, interval_steps = time.perf_counter(), 0
         if done % config.train.checkpoint_interval == 0 or done == config.train.steps:
             saving = time.perf_counter()
-            checkpointing.save(ckpt_root, done, model, optimizer, {"skipped_steps": skipped})
+            checkpointing.save(
+                ckpt_root, done, model, optimizer, {"skipped_steps": skipped}, keep=config.train.keep_checkpoints
+            )
             interval_start += time.perf_counter() - saving  # checkpoint time is not training throughput
     if start < config.train.steps or not records:
         records.append({"step": config.train.steps, "valid_loss": validation_loss(ddp, valid_data, config)})

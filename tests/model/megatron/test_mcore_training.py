@@ -140,3 +140,13 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path):
     # is on a different (finite) trajectory from the clean one.
     assert all(math.isfinite(r["loss"]) for r in logged.values())
     assert logged[5]["loss"] != clean_steps[5]["loss"]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    config = _config("train.steps=6", "train.checkpoint_interval=2", "train.keep_checkpoints=2")
+    run_ranks(train, 1, tmp_path, runs=[(config, str(tmp_path / "run"), None)])
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        _config("train.keep_checkpoints=0")
