@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from looplm.model import IGNORE_INDEX
 from looplm.model.megatron import checkpointing
 from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
 from looplm.model.megatron.model import MegatronLoopLM
@@ -71,6 +72,12 @@ def _all_finite(*values: torch.Tensor) -> bool:
     flag = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in values)))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
+
+
+def _dp_sum(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().clone().float()
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor
 
 
 def _dp_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,14 +149,23 @@ def train_on_rank(
         steps_t, beta = recurrent_steps_at(step, config.loop), beta_at(step, config.loop)
         ddp.zero_grad_buffer()
         optimizer.zero_grad(set_to_none=True)
-        outs = []
-        for micro in range(config.accumulation_steps):
-            ids, labels = (t.to(device) for t in micro_batch(train_data, step, micro, config.data, dp_rank, dp_size))
+        batches = [
+            tuple(t.to(device) for t in micro_batch(train_data, step, micro, config.data, dp_rank, dp_size))
+            for micro in range(config.accumulation_steps)
+        ]
+        # The step's loss is the mean over every counted token of the global batch, however they fall across
+        # micro-batches and DP ranks: each micro-batch's mean is weighted by its share of the tokens (times the
+        # DP size, because Megatron DDP averages gradients over DP ranks).
+        counted = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        total_tokens = _dp_sum(torch.tensor(float(counted), device=device))
+        outs, token_loss = [], torch.zeros((), device=device)
+        for ids, labels in batches:
             out = ddp(ids, labels, objective=config.train.objective, num_steps=steps_t, beta=beta)
-            (out.loss / config.accumulation_steps).backward()
+            (out.loss * (out.num_tokens * dp_size / total_tokens)).backward()
+            token_loss += out.loss.detach().float() * out.num_tokens
             outs.append(out)
         finalize_model_grads([ddp])
-        loss = _dp_mean(torch.stack([o.loss.detach() for o in outs]).mean())
+        loss = _dp_sum(token_loss) / total_tokens
         norm = grad_norm(model)
         if not _all_finite(loss, norm):
             skipped, in_a_row = skipped + 1, in_a_row + 1

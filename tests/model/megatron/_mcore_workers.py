@@ -189,6 +189,27 @@ def train_with_poisoned_steps(rank: int, world_size: int, config, output: str, p
         MegatronLoopLM.forward = original
 
 
+def train_with_uneven_labels(rank: int, world_size: int, config, output: str) -> list:
+    """One run in which a sample-dependent share of labels is ignored, so micro-batches and DP ranks count
+    different numbers of tokens (the data layout decides who gets which sample, not what is masked)."""
+    from looplm.model import IGNORE_INDEX
+    from looplm.pipelines.training import trainer
+
+    original = trainer.micro_batch
+
+    def masked(*args, **kwargs):
+        ids, labels = original(*args, **kwargs)
+        # Mask more of a sample the larger its first token: counts vary from sample to sample.
+        keep = torch.arange(labels.shape[1])[None] < 4 + (ids[:, :1] % (labels.shape[1] - 4))
+        return ids, labels.masked_fill(~keep, IGNORE_INDEX)
+
+    trainer.micro_batch = masked
+    try:
+        return trainer.train_on_rank(config, output)
+    finally:
+        trainer.micro_batch = original
+
+
 def train_expecting_error(rank: int, world_size: int, config, output: str) -> str:
     from looplm.pipelines.training.trainer import train_on_rank
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from _mcore_spawn import run_ranks
-from _mcore_workers import train, train_expecting_error, train_with_poisoned_steps
+from _mcore_workers import train, train_expecting_error, train_with_poisoned_steps, train_with_uneven_labels
 
 from looplm.infra.configs import load_config
 from looplm.model import LoopLM, LoopLMConfig
@@ -150,3 +150,17 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert (root / "latest").read_text().strip() == "step_00000006"
     with pytest.raises(ValueError, match="keep_checkpoints"):
         _config("train.keep_checkpoints=0")
+
+
+def test_the_loss_is_the_mean_over_all_counted_tokens_whatever_the_layout(tmp_path):
+    """With uneven token counts, one process with the whole batch and DP=2 with half each train identically:
+    the loss is the global token mean, not a mean of per-rank means."""
+    overrides = ["train.steps=3", "train.checkpoint_interval=3", "data.global_batch_size=8"]
+    whole = _config(*overrides, "data.micro_batch_size=8")
+    split = _config(*overrides, "data.micro_batch_size=4", "launch.data_parallel=2")
+    (one,) = run_ranks(train_with_uneven_labels, 1, tmp_path, config=whole, output=str(tmp_path / "one"))
+    two = run_ranks(train_with_uneven_labels, 2, tmp_path, config=split, output=str(tmp_path / "two"))[0]
+    losses_one = [r["loss"] for r in one if "loss" in r]
+    losses_two = [r["loss"] for r in two if "loss" in r]
+    assert len(losses_one) == 3
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
