@@ -4,6 +4,7 @@
     looplm curate CONFIG [k=v ...]    curate raw text into Megatron indexed datasets (Ray Data)
     looplm train CONFIG [k=v ...]     pretrain on megatron-core, launched on Ray Train
     looplm eval CONFIG [k=v ...]      evaluate a checkpoint or registered model, tracked in MLflow
+    looplm upcycle SRC DST            duplicate a checkpoint's layers (Ouro 1.4B -> 2.6B; --factor, --order)
     looplm mlflow                     start an MLflow tracking server on 127.0.0.1
 
 Each subcommand imports its module only when it runs, so `looplm --help` stays fast.
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "curate": ("looplm.pipelines.curate", "run_from_args", "curate raw text into Megatron indexed datasets"),
     "train": ("looplm.pipelines.pretrain", "run_from_args", "pretrain on megatron-core via Ray Train"),
     "eval": ("looplm.pipelines.evaluate", "run_from_args", "evaluate a checkpoint or registered model"),
+    "upcycle": ("looplm.pipelines.upcycle", "run_from_args", "duplicate a checkpoint's layers (1.4B -> 2.6B)"),
     "mlflow": ("looplm.infra.mlflow_server", "run_from_args", "start an MLflow tracking server on 127.0.0.1"),
 }
 WITH_CONFIG = {"curate", "train", "eval"}
@@ -34,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name in WITH_CONFIG:
             command.add_argument("config", help="experiment YAML file")
             command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+        if name == "upcycle":
+            command.add_argument("src", help="Ouro HF checkpoint folder or models:/ URI to upcycle")
+            command.add_argument("dst", help="new checkpoint folder (must not exist, or be empty)")
+            command.add_argument("--factor", type=int, default=2, help="copies of each layer (default: 2)")
+            command.add_argument(
+                "--order",
+                choices=("stacked", "interleaved"),
+                default="stacked",
+                help="stacked: layers [1..N, 1..N]; interleaved: [1, 1, 2, 2, ...] (default: stacked)",
+            )
+            continue
         command.add_argument("--output", help="output folder (default: under ./runs)")
     return parser
 
