@@ -163,8 +163,13 @@ def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: 
     """One MLflow run for the job, written from the driver: params = the config, metrics = the logged records."""
     from looplm.infra.tracking import pipeline_run
 
+    from .training.trainer import RUN_INFO
+
     with pipeline_run(f"pretrain-{config.name}", config=config, tracking_uri=tracking_uri) as run:
         run.set_tags({"looplm.transformer_impl": config.parallel.transformer_impl})
+        info_file = result.output / RUN_INFO
+        if info_file.is_file():  # what the workers resolved ("auto" precision and optimizer, device, versions)
+            run.set_tags({f"looplm.{k}": str(v) for k, v in json.loads(info_file.read_text()).items()})
         for record in result.records:
             metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
             run.log_metrics(metrics, step=int(record["step"]))

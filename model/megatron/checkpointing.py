@@ -1,9 +1,11 @@
 """Training checkpoints of the Megatron LoopLM through dist_checkpointing, and the Ouro HF export/import.
 
 A checkpoint is a folder `<root>/step_<n>/` holding
-- `state/`: one dist_checkpointing save of the model and the optimizer. AdamW's moments are sharded exactly
-  like their parameters (megatron's optim_state_to_sharding_state), so both reshard: a run saved at TP=1
-  resumes at TP=2 and the other way round;
+- `state/`: one dist_checkpointing save of the model and the optimizer. The optimizer is either torch AdamW,
+  whose moments are sharded exactly like their parameters (megatron's optim_state_to_sharding_state), or
+  megatron-core's optimizer (DistributedOptimizer included), which writes its own sharded state in the
+  "fully_reshardable" layout (fp32 main params and moments, one tensor per parameter). Both reshard: a run saved
+  at TP=1 resumes at TP=2, one saved at DP=2 resumes at DP=1, and the other way round;
 - `rank_<r>.pt`: each rank's RNG states (restored when the layout is unchanged);
 - `trainer.json`: step, layout and trainer counters (rank 0). LR, beta, T and the data position are pure
   functions of the step, so the step restores them.
@@ -91,11 +93,52 @@ def optimizer_sharded_state_dict(
     return state
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _optimizer_sharded(optimizer: Any, model_sharded: dict[str, Any], *, is_loading: bool) -> dict[str, Any]:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer_sharded_state_dict(optimizer, model_sharded, is_loading=is_loading)
+    # megatron.core.optimizer (MegatronOptimizer / ChainedOptimizer): its own sharded state dict. The
+    # DistributedOptimizer's "fully_reshardable" layout is one tensor per parameter (gathered over DP at save
+    # time), so its state reshards over TP and DP; 0.16.1's parallel "fully_sharded_model_space" layout fails
+    # there ("flattened_range is not supported") and "dp_reshardable" cannot change TP.
+    # Its torch AdamW (the fallback without TE/apex) creates state lazily, and the state dict needs a step.
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _initialise_adam_state(inner.optimizer)
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    return optimizer.sharded_state_dict(model_sharded, is_loading=is_loading, metadata=metadata)
+
+
+def _load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        _load_megatron_optimizer_state(optimizer, state)
+        return
     step = state["state"].pop("common_step")
     for param_state in state["state"].values():
         param_state["step"] = torch.tensor(float(step))
     optimizer.load_state_dict(state)
+
+
+def _load_megatron_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(inners) == 1 else [state[index] for index in sorted(state)]
+    for inner, inner_state in zip(inners, states, strict=True):
+        param_state = inner_state.pop("param_state", None)
+        sharding = inner_state.pop("param_state_sharding_type", None)
+        inner.load_state_dict(inner_state)
+        if param_state is not None:  # a DistributedOptimizer: the sharded fp32 main params and moments
+            if sharding != "fully_reshardable":
+                raise ValueError(f"distributed optimizer state of type {sharding!r}; looplm writes 'fully_reshardable'")
+            # megatron-core 0.16.1 copies every per-parameter entry of the inner optimizer's state from the
+            # checkpoint, torch AdamW's "step" included, which the checkpoint keeps per param group (KeyError:
+            # 'step'). Set the steps aside while the sharded tensors load. (TE/apex FusedAdam keep no such step.)
+            steps = {param: entry.pop("step") for param, entry in inner.optimizer.state.items() if "step" in entry}
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+            for param, step in steps.items():
+                inner.optimizer.state[param]["step"] = step
+        # It also gives every parameter the same "step" tensor, which torch AdamW increments in place once per
+        # parameter: each parameter needs its own.
+        for entry in inner.optimizer.state.values():
+            if "step" in entry:
+                entry["step"] = entry["step"].clone()
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,7 +166,7 @@ def save(
     root: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     trainer_state: dict[str, Any],
     keep: int | None = None,
 ) -> Path:
@@ -138,7 +181,7 @@ def save(
         staging.mkdir(parents=True)
     _barrier()
     model_sharded = model.sharded_state_dict()
-    optim_sharded = optimizer_sharded_state_dict(optimizer, model_sharded)
+    optim_sharded = _optimizer_sharded(optimizer, model_sharded, is_loading=False)
     _save({"model": model_sharded, "optimizer": optim_sharded}, staging / "state")
     torch.save({"rng": rng_state()}, staging / f"rank_{_rank()}.pt")
     if _rank() == 0:
@@ -168,7 +211,7 @@ def latest(root: str | Path) -> Path | None:
     return folder if (folder / "trainer.json").is_file() else None
 
 
-def load(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load(folder: str | Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
     """Restore model, optimizer (at any TP x DP layout) and, on an unchanged layout, each rank's RNG states.
 
     Returns trainer.json (collective).
@@ -181,7 +224,7 @@ def load(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     model_sharded = model.sharded_state_dict()
     sharded = {
         "model": model_sharded,
-        "optimizer": optimizer_sharded_state_dict(optimizer, model_sharded, is_loading=True),
+        "optimizer": _optimizer_sharded(optimizer, model_sharded, is_loading=True),
     }
     state = dist_checkpointing.load(sharded, str(folder / "state"))
     model.load_state_dict(state["model"], strict=True)
@@ -199,7 +242,8 @@ def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Pat
     state = megatron_to_hf(gather_tensor_parallel(local_state(model)), config)
     path = None
     if _rank() == 0:
-        reference = LoopLM(config)
+        # In the training dtype: a bf16 run exports bf16 weights, like the released Ouro checkpoints.
+        reference = LoopLM(config).to(next(model.parameters()).dtype)
         reference.load_state_dict(state, strict=True)
         path = save_pretrained(reference, directory, overwrite=True)
     _barrier()

@@ -13,18 +13,29 @@ does nothing at all when CUDA is available, so a GPU run executes unmodified meg
    current_device patch cannot reach a string literal. Needed as soon as a schedule from
    `get_forward_backward_func` runs (pipeline parallelism, next issue).
 
-Deliberately absent: Megatron's optimizers hard-code CUDA in four modules; on CPU the trainer uses torch AdamW
-over Megatron DDP's gradients instead of rewriting their source. Sequence parallelism needs no patch because
-looplm's norms are its own modules (layer_specs.RMSNorm), not megatron's WrappedTorchNorm.
+5. Megatron's optimizers (`megatron.core.optimizer`: FP32Optimizer, Float16OptimizerWithFloat16Params,
+   DistributedOptimizer) hard-code CUDA in four modules: `device='cuda'` literals for their scalar buffers,
+   `param.type() == 'torch.cuda.FloatTensor'` checks and one `.cuda()` in the checkpoint gather.
+   `patch_megatron_optimizer()` re-executes those modules' source with exactly these strings rewritten for the
+   CPU. It runs only when a CPU run asks for the Megatron optimizer (`optim.implementation: megatron`, what
+   every GPU run uses), so CPU tests exercise the GPU code path; the default CPU optimizer is torch AdamW over
+   Megatron DDP's gradients and needs no patch. Every rewrite is counted against the pinned megatron-core
+   0.16.1 source, so an upgrade that moves a literal fails loudly here instead of half-patching.
+
+Sequence parallelism needs no patch because looplm's norms are its own modules (layer_specs.RMSNorm), not
+megatron's WrappedTorchNorm.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 
 import torch
 
 _applied = False
+_optimizer_patched = False
 
 
 def needed() -> bool:
@@ -101,3 +112,67 @@ def _patch_schedules_cuda_literal() -> None:
             return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
     schedules.torch = _TorchOnCPU()
+
+
+# module -> the number of CUDA-only strings its 0.16.1 source holds (device literals + tensor type names).
+_OPTIMIZER_MODULES = {
+    "megatron.core.optimizer.clip_grads": 6,
+    "megatron.core.optimizer.grad_scaler": 4,
+    "megatron.core.optimizer.optimizer": 7,
+    "megatron.core.optimizer.distrib_optimizer": 6,
+}
+_CPU_SPELLINGS = {
+    "device='cuda'": "device='cpu'",
+    "'torch.cuda.FloatTensor'": "'torch.FloatTensor'",
+    "'torch.cuda.HalfTensor'": "'torch.HalfTensor'",
+    "'torch.cuda.BFloat16Tensor'": "'torch.BFloat16Tensor'",
+    "send_tensor = send_tensor.cuda()": "send_tensor = send_tensor",  # DP gather of a checkpoint's state
+}
+
+
+def patch_megatron_optimizer() -> bool:
+    """Make megatron.core.optimizer run on CPU (item 5 above) if CUDA is absent; idempotent. Returns whether active."""
+    global _optimizer_patched
+    if not needed():
+        return False
+    if _optimizer_patched:
+        return True
+    apply()
+    from megatron.core import utils as mcore_utils
+
+    def local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        # utils.local_multi_tensor_l2_norm (the fallback without apex/TE) puts its result on device="cuda";
+        # clip_grads imports it by name when its module source is re-executed below.
+        norms = [torch.norm(tensor) for tensor_list in tensor_lists for tensor in tensor_list]
+        total = torch.norm(torch.stack(norms)) if norms else torch.zeros(())
+        return total.reshape(1).float(), None
+
+    mcore_utils.local_multi_tensor_l2_norm = local_multi_tensor_l2_norm
+    for name, expected in _OPTIMIZER_MODULES.items():
+        module = importlib.import_module(name)
+        source = inspect.getsource(module)
+        found = sum(source.count(cuda) for cuda in _CPU_SPELLINGS)
+        if found != expected:
+            raise RuntimeError(
+                f"cpu_shim: {name} holds {found} CUDA-only strings, expected {expected} (megatron-core 0.16.1); "
+                "re-check patch_megatron_optimizer against this megatron-core version"
+            )
+        for cuda, cpu in _CPU_SPELLINGS.items():
+            source = source.replace(cuda, cpu)
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+    # Names bound before the rewrite (the package namespace, and the subclass's base) must see the new classes.
+    import megatron.core.optimizer as package
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for name in (
+        "MegatronOptimizer",
+        "MixedPrecisionOptimizer",
+        "Float16OptimizerWithFloat16Params",
+        "FP32Optimizer",
+        "ChainedOptimizer",
+    ):
+        if hasattr(package, name):
+            setattr(package, name, getattr(optimizer, name))
+    package.DistributedOptimizer = distrib_optimizer.DistributedOptimizer
+    _optimizer_patched = True
+    return True

@@ -36,11 +36,13 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
+def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
     """Megatron DDP over the data-parallel group: gradients accumulate in fp32 `main_grad` buffers and are
     averaged over DP by `finalize_model_grads`, which also all-reduces sequence-parallel norm gains over TP.
-    Only parameters with requires_grad are bucketed (Stage II freezes the LM before wrapping)."""
+    With `use_distributed_optimizer` they are reduce-scattered instead (each DP rank keeps its optimizer shard's
+    part), as megatron's DistributedOptimizer expects. Only parameters with requires_grad are bucketed
+    (Stage II freezes the LM before wrapping)."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)

@@ -16,6 +16,7 @@ from looplm.model.config import ConfigError, LoopLMConfig
 from looplm.model.megatron.config import ParallelConfig
 
 LR_SCHEDULES = ("warmup_constant", "wsd", "cosine")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "megatron", "torch")
 OBJECTIVES = ("stage1", "stage2")
 
 
@@ -67,8 +68,16 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # megatron: megatron-core's optimizer (every GPU run); torch: torch AdamW over DDP gradients (fp32 only);
+    # auto: megatron with CUDA or bf16 params, torch otherwise. See pipelines/training/optimizer.py.
+    implementation: str = "auto"
+    distributed: bool = True  # megatron only: the DistributedOptimizer (optimizer state sharded over DP)
 
     def __post_init__(self) -> None:
+        if self.implementation not in OPTIMIZER_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"optim.implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
         if self.schedule not in LR_SCHEDULES:
             raise ConfigError(f"optim.schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_steps < 0 or self.decay_steps < 0:
@@ -132,6 +141,11 @@ class PretrainConfig:
             raise ConfigError(
                 f"data.global_batch_size ({self.data.global_batch_size}) is not a multiple of "
                 f"micro_batch_size x launch.data_parallel ({per_step})"
+            )
+        if self.optim.implementation == "torch" and self.parallel.precision == "bf16":
+            raise ConfigError(
+                "optim.implementation='torch' steps fp32 params only; parallel.precision='bf16' needs "
+                "optim.implementation='megatron' (fp32 main params)"
             )
         if self.data.seq_len > self.model.build().max_position_embeddings:
             raise ConfigError("data.seq_len is longer than the model's max_position_embeddings")

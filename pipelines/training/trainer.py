@@ -1,14 +1,19 @@
 """The per-rank pretraining loop of the Megatron LoopLM. Every rank of a TP x DP group runs `train_on_rank`.
 
 One optimizer step: `accumulation_steps` micro-batches forward/backward through Megatron DDP (fp32 main_grad
-buffers), `finalize_model_grads` (DP average, TP all-reduce of sequence-parallel norm gains), the global grad
-norm over unique shards, a non-finite check agreed by all ranks (skip and count; K in a row abort), clipping,
-then AdamW. LR, beta and T come from pure schedules of the step, data from the step's sample indices, so a
-run resumed from a checkpoint (model, optimizer moments, RNG, step) repeats the uninterrupted run exactly.
+buffers), `finalize_model_grads` (DP average or reduce-scatter, TP all-reduce of sequence-parallel norm gains),
+the global grad norm over unique shards, a non-finite check agreed by all ranks (skip and count; K in a row
+abort), clipping, then AdamW (megatron-core's distributed optimizer, or torch AdamW on CPU: optimizer.py).
+LR, beta and T come from pure schedules of the step, data from the step's sample indices, so a run resumed
+from a checkpoint (model, optimizer state, RNG, step) repeats the uninterrupted run exactly.
+
+What actually ran (optimizer, parameter dtype, layer implementation, device, versions) is written to
+`<output>/run_info.json`, since "auto" choices resolve only on the workers.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -19,53 +24,23 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from looplm.model import IGNORE_INDEX
 from looplm.model.megatron import checkpointing
 from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
 from looplm.model.megatron.model import MegatronLoopLM
 
+from . import optimizer as optim_lib
 from .config import PretrainConfig
 from .data import build_datasets, micro_batch, write_synthetic_corpus
 from .schedules import beta_at, lr_at, recurrent_steps_at
 
 HF_EXPORT = "hf"
+RUN_INFO = "run_info.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """K optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-def build_optimizer(model: MegatronLoopLM, config: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on norm gains and biases (1-D tensors).
-
-    This is the CPU optimizer: torch AdamW stepping on Megatron DDP's fp32 gradients. The GPU path (Megatron's
-    distributed optimizer with bf16 params and its sharded state in dist_checkpointing) is not implemented yet.
-    """
-    if torch.cuda.is_available():
-        raise NotImplementedError(
-            "the GPU optimizer (megatron.core.optimizer's DistributedOptimizer) is not wired in yet; "
-            "this trainer runs on CPU (torch AdamW over Megatron DDP gradients)"
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() > 1], "weight_decay": config.optim.weight_decay},
-        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps
-    )
-
-
-def grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of the full (unsharded) gradient: each TP shard once, replicated tensors once."""
-    total = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.requires_grad and param_is_not_tensor_parallel_duplicate(param):
-            total += param.main_grad.double().pow(2).sum().cpu()
-    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return total.sqrt()
 
 
 def _all_finite(*values: torch.Tensor) -> bool:
@@ -124,14 +99,24 @@ def train_on_rank(
     if config.train.objective == "stage2":
         for param in model.lm_parameters():
             param.requires_grad_(False)
-    ddp = wrap_data_parallel(model)
-    optimizer = build_optimizer(model, config)
+    ddp = wrap_data_parallel(model, use_distributed_optimizer=optim_lib.uses_distributed_optimizer(config))
+    optimizer = optim_lib.build_optimizer(model, ddp, config)
+    info = run_info(config, model)
+    if dist.get_rank() == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     train_data, valid_data = prepare_data(config, output, model_config.vocab_size)
 
     ckpt_root = output / "checkpoints"
     start, skipped = 0, 0
     folder = checkpointing.latest(ckpt_root)
     if folder is not None:
+        saved_with = json.loads((folder / "trainer.json").read_text()).get("optimizer", "torch-adamw")
+        if saved_with != info["optimizer"]:
+            raise ValueError(
+                f"{folder} holds {saved_with} optimizer state but this run steps with {info['optimizer']}; "
+                f"resume with the same optim.implementation / optim.distributed, or start a new output folder"
+            )
         record = checkpointing.load(folder, model, optimizer)
         start, skipped = record["step"], record.get("skipped_steps", 0)
 
@@ -148,7 +133,7 @@ def train_on_rank(
         lr = lr_at(step, config.optim, config.train.steps)
         steps_t, beta = recurrent_steps_at(step, config.loop), beta_at(step, config.loop)
         ddp.zero_grad_buffer()
-        optimizer.zero_grad(set_to_none=True)
+        optim_lib.zero_grad(optimizer)
         batches = [
             tuple(t.to(device) for t in micro_batch(train_data, step, micro, config.data, dp_rank, dp_size))
             for micro in range(config.accumulation_steps)
@@ -166,7 +151,7 @@ def train_on_rank(
             outs.append(out)
         finalize_model_grads([ddp])
         loss = _dp_sum(token_loss) / total_tokens
-        norm = grad_norm(model)
+        norm = optim_lib.gradient_norm(optimizer, model)
         if not _all_finite(loss, norm):
             skipped, in_a_row = skipped + 1, in_a_row + 1
             if in_a_row >= config.train.max_nonfinite_in_a_row:
@@ -176,13 +161,8 @@ def train_on_rank(
                 )
             continue
         in_a_row = 0
-        clip = min(1.0, config.optim.grad_clip / (norm.item() + 1e-6)) if config.optim.grad_clip > 0 else 1.0
-        for param in model.parameters():
-            if param.requires_grad:
-                param.grad = param.main_grad.mul_(clip).to(param.dtype)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        optim_lib.set_lr(optimizer, lr, config.optim.weight_decay)
+        optim_lib.step(optimizer, model, norm.item(), config.optim.grad_clip)
         interval_steps += 1
 
         done = step + 1
@@ -214,7 +194,12 @@ def train_on_rank(
         if done % config.train.checkpoint_interval == 0 or done == config.train.steps:
             saving = time.perf_counter()
             checkpointing.save(
-                ckpt_root, done, model, optimizer, {"skipped_steps": skipped}, keep=config.train.keep_checkpoints
+                ckpt_root,
+                done,
+                model,
+                optimizer,
+                {"skipped_steps": skipped, "optimizer": info["optimizer"]},
+                keep=config.train.keep_checkpoints,
             )
             interval_start += time.perf_counter() - saving  # checkpoint time is not training throughput
     if start < config.train.steps or not records:
@@ -224,6 +209,22 @@ def train_on_rank(
     # The trained model in the Ouro HF layout: what Stage II, evaluation and serving load.
     checkpointing.export_hf(model, model_config, output / HF_EXPORT)
     return records
+
+
+def run_info(config: PretrainConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """What this run resolved to on its workers: recorded with the run (MLflow tags) and beside its checkpoints."""
+    from importlib.metadata import version
+
+    param = next(model.parameters())
+    return {
+        "optimizer": optim_lib.describe(config),
+        "params_dtype": str(param.dtype).removeprefix("torch."),
+        "transformer_impl": config.parallel.transformer_impl,
+        "device": param.device.type,
+        "world_size": dist.get_world_size(),
+        "megatron_core": version("megatron-core"),
+        "torch": torch.__version__,
+    }
 
 
 def _per_step(prefix: str, values: torch.Tensor) -> dict[str, float]:

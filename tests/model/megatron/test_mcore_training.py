@@ -124,9 +124,15 @@ def test_non_finite_losses_are_skipped_then_abort(tmp_path):
     assert message.startswith("NonFiniteLossError: 3 steps in a row had a non-finite loss"), message
 
 
-def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path):
+@pytest.mark.parametrize("implementation", ["torch", "megatron"])
+def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path, implementation):
     """Step 3's loss is NaN: no update happens there, the skip is counted, and the run finishes finite."""
-    config = _config("train.steps=6", "train.checkpoint_interval=6", "train.max_nonfinite_in_a_row=2")
+    config = _config(
+        "train.steps=6",
+        "train.checkpoint_interval=6",
+        "train.max_nonfinite_in_a_row=2",
+        f"optim.implementation={implementation}",
+    )
     clean, poisoned = run_ranks(
         train_with_poisoned_steps, 1, tmp_path, config=config, output=str(tmp_path / "run"), poisoned=[3]
     )[0]
