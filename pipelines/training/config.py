@@ -47,6 +47,10 @@ class DataConfig:
     seq_len: int = 128
     micro_batch_size: int = 4  # sequences per DP rank per forward/backward
     global_batch_size: int = 8  # sequences per optimizer step over all DP ranks (the rest is accumulation)
+    # Batch-size ramp-up as Megatron-LM's --rampup-batch-size: [start, increment, ramp_samples]. The global batch
+    # starts at `start` sequences and grows by `increment` in equal shares of the first `ramp_samples` samples
+    # until it reaches global_batch_size (Ouro ramped 4M -> 8M tokens in Stage 1a). null: no ramp.
+    rampup_batch_size: tuple[int, int, int] | None = None
     eod_token: int = 0
     seed: int = 1234
 
@@ -55,6 +59,18 @@ class DataConfig:
             raise ConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths")
         if self.seq_len < 2 or self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("data.seq_len must be >= 2 and the batch sizes positive")
+        if self.rampup_batch_size is not None:
+            start, increment, samples = self.rampup_batch_size
+            if not 0 < start <= self.global_batch_size or increment < 1 or samples < 0:
+                raise ConfigError(
+                    f"data.rampup_batch_size [start, increment, ramp_samples] needs 0 < start <= global_batch_size, "
+                    f"increment >= 1 and ramp_samples >= 0, got {list(self.rampup_batch_size)}"
+                )
+            if (self.global_batch_size - start) % increment:
+                raise ConfigError(
+                    f"data.rampup_batch_size: global_batch_size - start ({self.global_batch_size - start}) is not a "
+                    f"multiple of the increment ({increment})"
+                )
 
 
 @dataclass(frozen=True)
@@ -142,6 +158,13 @@ class PretrainConfig:
                 f"data.global_batch_size ({self.data.global_batch_size}) is not a multiple of "
                 f"micro_batch_size x launch.data_parallel ({per_step})"
             )
+        if self.data.rampup_batch_size is not None:
+            start, increment, _ = self.data.rampup_batch_size
+            if start % per_step or increment % per_step:
+                raise ConfigError(
+                    f"data.rampup_batch_size: start ({start}) and increment ({increment}) must be multiples of "
+                    f"micro_batch_size x launch.data_parallel ({per_step})"
+                )
         if self.optim.implementation == "torch" and self.parallel.precision == "bf16":
             raise ConfigError(
                 "optim.implementation='torch' steps fp32 params only; parallel.precision='bf16' needs "
@@ -156,6 +179,7 @@ class PretrainConfig:
 
     @property
     def accumulation_steps(self) -> int:
+        """Micro-batches per DP rank per optimizer step at the full global batch."""
         return self.data.global_batch_size // (self.data.micro_batch_size * self.launch.data_parallel)
 
     def replace(self, **sections: Any) -> PretrainConfig:

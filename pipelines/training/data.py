@@ -1,9 +1,10 @@
 """Training data through Megatron's indexed datasets: GPTDataset samples, blended by mixture weights.
 
 `build_datasets` returns the train and valid splits (BlendedMegatronDatasetBuilder over GPTDataset); a sample's
-index is a pure function of (optimizer step, accumulation step, DP rank, position), so the data position of a
-resumed run is its step. `write_indexed_dataset` writes a `.bin`/`.idx` pair; `write_synthetic_corpus` makes a
-small learnable mixture for CPU runs and tests until the curation step provides real data.
+index is a pure function of (samples consumed before the optimizer step, accumulation step, DP rank, position),
+and the samples consumed are a function of the step, so the data position of a resumed run is its step.
+`write_indexed_dataset` writes a `.bin`/`.idx` pair; `write_synthetic_corpus` makes a small learnable mixture
+for CPU runs and tests until the curation step provides real data.
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def build_datasets(data: DataConfig, paths: list[str], vocab_size: int, train_sa
 
 
 def micro_batch(
-    dataset, step: int, micro: int, data: DataConfig, dp_rank: int, dp_size: int
+    dataset, first_sample: int, micro: int, data: DataConfig, dp_rank: int, dp_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (input_ids, labels) [micro_batch, seq] of optimizer step `step`, accumulation step `micro`, DP rank."""
+    """The (input_ids, labels) [micro_batch, seq] of accumulation step `micro` on DP rank `dp_rank`, in the
+    optimizer step whose global batch starts at sample `first_sample`."""
     per_micro = data.micro_batch_size * dp_size
-    first = step * data.global_batch_size + micro * per_micro + dp_rank * data.micro_batch_size
+    first = first_sample + micro * per_micro + dp_rank * data.micro_batch_size
     samples = [dataset[(first + i) % len(dataset)] for i in range(data.micro_batch_size)]
     tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()

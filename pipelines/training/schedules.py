@@ -1,10 +1,11 @@
-"""Learning-rate, beta and recurrent-step schedules: pure functions of the optimizer step (so resume is exact)."""
+"""Learning-rate, beta, recurrent-step and batch-size schedules: pure functions of the optimizer step (so resume
+is exact)."""
 
 from __future__ import annotations
 
 import math
 
-from .config import LoopSchedule, OptimConfig
+from .config import DataConfig, LoopSchedule, OptimConfig
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -43,3 +44,35 @@ def recurrent_steps_at(step: int, loop: LoopSchedule) -> int:
 
 def beta_at(step: int, loop: LoopSchedule) -> float:
     return float(piecewise(step, loop.beta))
+
+
+def global_batch_sizes(data: DataConfig, data_parallel: int, steps: int) -> list[int]:
+    """The global batch (sequences) of every optimizer step: data.global_batch_size, or its ramp-up.
+
+    The ramp is megatron-core's RampupBatchsizeNumMicroBatchesCalculator, i.e. Megatron-LM's --rampup-batch-size:
+    the batch of a step is set by the samples consumed before it.
+    """
+    if data.rampup_batch_size is None:
+        return [data.global_batch_size] * steps
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    start, increment, ramp_samples = data.rampup_batch_size
+    calculator = RampupBatchsizeNumMicroBatchesCalculator(
+        global_batch_size=data.global_batch_size,
+        micro_batch_size=data.micro_batch_size,
+        data_parallel_size=data_parallel,
+        decrease_batch_size_if_needed=False,
+        rank=0,
+        start_global_batch_size=start,
+        batch_size_increment=increment,
+        ramup_samples=ramp_samples,
+    )
+    sizes, consumed = [], 0
+    for _ in range(steps):
+        calculator.update(consumed, consistency_check=True)
+        sizes.append(calculator.get_current_global_batch_size())
+        consumed += sizes[-1]
+        if consumed > ramp_samples:  # the ramp is over: the rest is the full batch
+            sizes += [data.global_batch_size] * (steps - len(sizes))
+            break
+    return sizes

@@ -13,6 +13,7 @@ What actually ran (optimizer, parameter dtype, layer implementation, device, ver
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from looplm.model.megatron.model import MegatronLoopLM
 from . import optimizer as optim_lib
 from .config import PretrainConfig
 from .data import build_datasets, micro_batch, write_synthetic_corpus
-from .schedules import beta_at, lr_at, recurrent_steps_at
+from .schedules import beta_at, global_batch_sizes, lr_at, recurrent_steps_at
 
 HF_EXPORT = "hf"
 RUN_INFO = "run_info.json"
@@ -68,7 +69,7 @@ def prepare_data(config: PretrainConfig, output: Path, vocab_size: int) -> tuple
             write_synthetic_corpus(output / "data", vocab_size, config.data.eod_token)
         dist.barrier()
         paths = [str(output / "data" / kind) for kind in ("counting", "motif")]
-    train_samples = config.train.steps * config.data.global_batch_size
+    train_samples = sum(global_batch_sizes(config.data, config.launch.data_parallel, config.train.steps))
     return build_datasets(config.data, paths, vocab_size, train_samples, output / "data" / "cache")
 
 
@@ -123,9 +124,11 @@ def train_on_rank(
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     device = next(model.parameters()).device
     seq = config.data.seq_len
-    tokens_per_step = config.data.global_batch_size * seq
+    batch_sizes = global_batch_sizes(config.data, dp_size, config.train.steps)
+    first_samples = [0, *itertools.accumulate(batch_sizes)]  # the global batch of step s starts at first_samples[s]
+    per_micro = config.data.micro_batch_size * dp_size
     records: list[dict[str, Any]] = []
-    in_a_row, interval_start, interval_steps = 0, time.perf_counter(), 0
+    in_a_row, interval_start, interval_tokens = 0, time.perf_counter(), 0
     model.train()
     for step in range(start, config.train.steps):
         if stop_after is not None and step >= stop_after:
@@ -135,9 +138,10 @@ def train_on_rank(
         ddp.zero_grad_buffer()
         optim_lib.zero_grad(optimizer)
         batches = [
-            tuple(t.to(device) for t in micro_batch(train_data, step, micro, config.data, dp_rank, dp_size))
-            for micro in range(config.accumulation_steps)
+            micro_batch(train_data, first_samples[step], micro, config.data, dp_rank, dp_size)
+            for micro in range(batch_sizes[step] // per_micro)
         ]
+        batches = [(ids.to(device), labels.to(device)) for ids, labels in batches]
         # The step's loss is the mean over every counted token of the global batch, however they fall across
         # micro-batches and DP ranks: each micro-batch's mean is weighted by its share of the tokens (times the
         # DP size, because Megatron DDP averages gradients over DP ranks).
@@ -163,12 +167,12 @@ def train_on_rank(
         in_a_row = 0
         optim_lib.set_lr(optimizer, lr, config.optim.weight_decay)
         optim_lib.step(optimizer, model, norm.item(), config.optim.grad_clip)
-        interval_steps += 1
+        interval_tokens += batch_sizes[step] * seq
 
         done = step + 1
         if done % config.train.log_interval == 0 or done == config.train.steps:
             elapsed = time.perf_counter() - interval_start
-            tokens_per_s = interval_steps * tokens_per_step / elapsed
+            tokens_per_s = interval_tokens / elapsed
             flops = model_config.flops_per_token(seq, num_steps=steps_t)["total"]
             if config.train.objective == "stage2":  # the LM runs forward only; the gate's backward is negligible
                 flops = model_config.flops_per_token(seq, num_steps=steps_t)["forward"]
@@ -180,6 +184,7 @@ def train_on_rank(
                     "lr": lr,
                     "beta": beta,
                     "recurrent_steps": steps_t,
+                    "global_batch_size": batch_sizes[step],
                     "entropy": _dp_mean(torch.stack([o.entropy for o in outs]).mean()).item(),
                     "skipped_steps": skipped,
                     "tokens_per_s": tokens_per_s,
@@ -190,7 +195,7 @@ def train_on_rank(
             )
             if report is not None:
                 report(records[-1])
-            interval_start, interval_steps = time.perf_counter(), 0
+            interval_start, interval_tokens = time.perf_counter(), 0
         if done % config.train.checkpoint_interval == 0 or done == config.train.steps:
             saving = time.perf_counter()
             checkpointing.save(
@@ -241,7 +246,8 @@ def validation_loss(ddp: torch.nn.Module, valid_data, config: PretrainConfig, ba
     losses = []
     for step in range(batches):
         for micro in range(config.accumulation_steps):
-            ids, labels = micro_batch(valid_data, step, micro, config.data, dp_rank, dp_size)
+            first = step * config.data.global_batch_size
+            ids, labels = micro_batch(valid_data, first, micro, config.data, dp_rank, dp_size)
             ids, labels = ids.to(device), labels.to(device)
             losses.append(ddp(ids, labels, objective="stage1", num_steps=steps_t, beta=beta).loss)
     value = _dp_mean(torch.stack(losses).mean()).item()

@@ -13,7 +13,7 @@ from _mcore_workers import train, train_expecting_error, train_with_poisoned_ste
 from looplm.infra.configs import load_config
 from looplm.model import LoopLM, LoopLMConfig
 from looplm.pipelines.training.config import OptimConfig, PretrainConfig
-from looplm.pipelines.training.schedules import beta_at, lr_at, recurrent_steps_at
+from looplm.pipelines.training.schedules import beta_at, global_batch_sizes, lr_at, recurrent_steps_at
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = str(ROOT / "configs" / "train-tiny-cpu.yaml")
@@ -51,6 +51,33 @@ def test_ouro_recipe_configs_follow_the_paper():
     assert (stage1b.loop.recurrent_steps, stage1b.loop.beta) == (((0, 4),), ((0, 0.05),))
     assert stage1a.data.global_batch_size * stage1a.data.seq_len == 8 * 1024 * 1024
     assert stage1a.optim.betas == (0.9, 0.95) and stage1a.optim.weight_decay == 0.1 and stage1a.optim.grad_clip == 1.0
+    start, _, ramp_samples = stage1a.data.rampup_batch_size  # 4M -> 8M tokens
+    assert start * stage1a.data.seq_len == 4 * 1024 * 1024
+    sizes = global_batch_sizes(stage1a.data, stage1a.launch.data_parallel, stage1a.train.steps)
+    assert sizes[0] == start and sizes[-1] == stage1a.data.global_batch_size
+    assert sum(sizes) * stage1a.data.seq_len == pytest.approx(3e12, rel=1e-4)  # Stage 1a is 3T tokens
+
+
+def test_ouro_recipe_stages_chain():
+    """Each stage starts from the previous stage's HF export (the default output of `looplm train`), the 2.6B
+    line from the upcycled 48-layer Stage 1a; the model config matches the stage (T, RoPE base, sequence)."""
+    chains = {
+        "1.4b": ["stage1a", "stage1b", "stage2", "stage3", "stage4"],
+        "2.6b": ["stage1b", "stage2", "stage3", "stage4"],
+    }
+    rope = {"stage1a": 10_000.0, "stage1b": 10_000.0, "stage2": 40_000.0, "stage3": 1_000_000.0, "stage4": 1_000_000.0}
+    seq = {"stage1a": 4096, "stage1b": 4096, "stage2": 16384, "stage3": 65536, "stage4": 32768}
+    for size, stages in chains.items():
+        previous = "runs/train-ouro-1.4b-stage1a-upcycled-48l/hf" if size == "2.6b" else None
+        for stage in stages:
+            config = load_config(PretrainConfig, ROOT / "configs" / f"train-ouro-{size}-{stage}.yaml")
+            model = config.model.build()
+            assert config.train.init_from_hf == previous, (size, stage)
+            assert model.rope_theta == rope[stage] and config.data.seq_len == seq[stage], (size, stage)
+            assert model.max_position_embeddings >= config.data.seq_len
+            assert model.num_hidden_layers == {"1.4b": 24, "2.6b": 48}[size]
+            assert config.data.global_batch_size * config.data.seq_len == 8 * 1024 * 1024
+            previous = f"runs/train-{config.name}/hf"
 
 
 def test_config_errors_name_the_field():
@@ -60,6 +87,44 @@ def test_config_errors_name_the_field():
         _config("loop.recurrent_steps=[[5, 4]]")
     with pytest.raises(ValueError, match="objective"):
         _config("train.objective=stage3")
+
+
+def test_batch_ramp_follows_megatron_lm_rampup_batch_size():
+    """[start 2, increment 2, over 12 samples] to 8: three increments, one per 12/3 = 4 samples consumed."""
+    data = _config("data.rampup_batch_size=[2, 2, 12]", "data.micro_batch_size=2").data
+    # consumed before each step: 0, 2, 4, 8, 14 (> 12: ramp over), 22 -> batch 2 + 2 * int(consumed / 4), then 8
+    assert global_batch_sizes(data, data_parallel=1, steps=7) == [2, 2, 4, 6, 8, 8, 8]
+    assert global_batch_sizes(_config().data, data_parallel=1, steps=3) == [8, 8, 8]
+    with pytest.raises(ValueError, match="must be multiples of micro_batch_size x launch.data_parallel"):
+        _config("data.rampup_batch_size=[2, 2, 12]", "data.micro_batch_size=4")
+    with pytest.raises(ValueError, match="is not a multiple of the increment"):
+        _config("data.rampup_batch_size=[2, 4, 12]", "data.micro_batch_size=2")
+
+
+def test_batch_ramp_trains_the_same_on_any_layout_and_resumes_mid_ramp(tmp_path):
+    """A ramped run on one rank, on DP=2, and stopped after step 4 (checkpoint: step 3) then resumed mid-ramp:
+    the same losses. Its first step sees exactly the first `start` samples, like a run of that batch size."""
+    ramp = ["data.rampup_batch_size=[2, 2, 12]", "train.steps=6", "train.checkpoint_interval=3"]
+    single = _config(*ramp, "data.micro_batch_size=2")
+    first_batch = _config("data.global_batch_size=2", "data.micro_batch_size=2", "train.steps=1")
+    resumed = str(tmp_path / "resumed")
+    runs = [(single, str(tmp_path / "one"), None), (first_batch, str(tmp_path / "first"), None)]
+    runs += [(single, resumed, 4), (single, resumed, None)]
+    straight, first, _, resumed_records = run_ranks(train, 1, tmp_path, runs=runs)[0]
+    (two_ranks,) = run_ranks(
+        train,
+        2,
+        tmp_path,
+        runs=[(_config(*ramp, "data.micro_batch_size=1", "launch.data_parallel=2"), str(tmp_path / "two"), None)],
+    )[0]
+    logged = [r for r in straight if "loss" in r]
+    assert [r["global_batch_size"] for r in logged] == [2, 2, 4, 6, 8, 8]
+    assert logged[0]["loss"] == pytest.approx(first[0]["loss"], rel=1e-6)
+    for record in (r for r in two_ranks if "loss" in r):
+        assert record["loss"] == pytest.approx(logged[record["step"] - 1]["loss"], rel=1e-5), record["step"]
+    assert [r["step"] for r in resumed_records if "loss" in r] == [4, 5, 6]
+    for record in (r for r in resumed_records if "loss" in r):
+        assert record["loss"] == pytest.approx(logged[record["step"] - 1]["loss"], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -112,6 +177,36 @@ def test_stage1_loss_falls_then_stage2_trains_the_gate_alone(tmp_path):
     after = LoopLM.from_pretrained(tmp_path / "s2" / "hf").state_dict()
     moved = sorted(name for name in before if not torch.equal(before[name], after[name]))
     assert moved == ["model.early_exit_gate.bias", "model.early_exit_gate.weight"]
+
+
+@pytest.mark.slow
+def test_the_recipe_in_miniature_stage1a_upcycle_stage1b(tmp_path):
+    """The 2.6B line at toy scale: Stage 1a (2 layers, T=4), `upcycle` to 4 layers, Stage 1b at T=2 from it.
+    The upcycled model starts far below an untrained model's loss: what Stage 1a learned is carried over."""
+    from looplm.model.upcycle import upcycle_layers
+
+    common = ("train.checkpoint_interval=100", "train.log_interval=1", "optim.warmup_steps=2")
+    stage1a = _config(*common, "train.steps=20", "loop.recurrent_steps=[[0, 4]]")
+    run_ranks(train, 1, tmp_path, runs=[(stage1a, str(tmp_path / "1a"), None)])
+    upcycle_layers(tmp_path / "1a" / "hf", tmp_path / "1a-4l", factor=2)
+    stage1b = [
+        "train.steps=4",
+        "loop.recurrent_steps=[[0, 2]]",
+        "model.overrides={num_hidden_layers: 4}",
+        f"train.init_from_hf={tmp_path / '1a-4l'}",
+    ]
+    scratch = _config(*common, *stage1b[:3])
+    records, fresh = run_ranks(
+        train,
+        1,
+        tmp_path,
+        runs=[(_config(*common, *stage1b), str(tmp_path / "1b"), None), (scratch, str(tmp_path / "0"), None)],
+    )[0]
+    upcycled_first = next(r["loss"] for r in records if "loss" in r)
+    scratch_first = next(r["loss"] for r in fresh if "loss" in r)
+    assert LoopLM.from_pretrained(tmp_path / "1b" / "hf").config.num_hidden_layers == 4
+    assert upcycled_first < scratch_first - 0.5, (upcycled_first, scratch_first)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
 def test_non_finite_losses_are_skipped_then_abort(tmp_path):
