@@ -4,8 +4,9 @@ looping against an unrolled model of the same total depth.
     python bench/megatron_bench.py [--preset tiny] [--seq 128] [--micro-batch 8] [--steps 30] [--repeats 7]
 
 Table 1 runs the real trainer (pipelines.training.trainer.train_on_rank: Megatron DDP, vocab-parallel CE, torch
-AdamW) on gloo groups of 1 or 2 processes over the synthetic indexed-dataset mixture; tokens/s is over the
-steps after the first log interval (warm-up), checkpoint time excluded; TFLOP/s uses LoopLMConfig.flops_per_token.
+AdamW unless the row names megatron's DistributedOptimizer, which bf16 params imply) on gloo groups of 1 or 2
+processes over the synthetic indexed-dataset mixture; tokens/s is over the steps after the first log interval
+(warm-up), checkpoint time excluded; TFLOP/s uses LoopLMConfig.flops_per_token.
 
 Table 2, in one process, forward+backward of the same data, interleaved repeats, fastest of each (the least
 disturbed by other load on a shared machine):
@@ -163,6 +164,7 @@ def main() -> None:
         "loop.recurrent_steps=[[0, 4]]",
     ]
     gb = f"data.global_batch_size={args.micro_batch}"
+    dp2 = [*common, f"data.global_batch_size={2 * args.micro_batch}", "launch.data_parallel=2"]
     rows = (
         []
         if args.loop_cost_only
@@ -174,22 +176,20 @@ def main() -> None:
                 2,
                 [*common, gb, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
             ),
-            trainer_throughput(
-                "DP=2 (2 processes)",
-                2,
-                [*common, f"data.global_batch_size={2 * args.micro_batch}", "launch.data_parallel=2"],
-            ),
+            trainer_throughput("DP=2 (2 processes)", 2, dp2),
+            trainer_throughput("DP=2, megatron DistributedOptimizer", 2, [*dp2, "optim.implementation=megatron"]),
+            trainer_throughput("DP=2, bf16 + DistributedOptimizer", 2, [*dp2, "parallel.precision=bf16"]),
         ]
     )
     print(
         f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"preset {args.preset}, T=4, seq {args.seq}, micro batch {args.micro_batch}, fp32, gloo\n")
+    print(f"preset {args.preset}, T=4, seq {args.seq}, micro batch {args.micro_batch}, fp32 unless named, gloo\n")
     if rows:
-        print(f"{'layout':<28}{'tokens/s':>12}{'model TFLOP/s':>16}")
+        print(f"{'layout':<40}{'tokens/s':>12}{'model TFLOP/s':>16}")
     for row in rows:
-        print(f"{row['label']:<28}{row['tokens_per_s']:>12.0f}{row['tflops']:>16.4f}")
+        print(f"{row['label']:<40}{row['tokens_per_s']:>12.0f}{row['tflops']:>16.4f}")
     cost = loop_cost(args.preset, args.seq, args.micro_batch, 4, args.repeats)
     base_seconds, base_flops = cost[1][1], cost[1][2]
     print(f"\n{'fwd+bwd, 1 process':<44}{'ms':>9}{'vs unrolled':>13}{'per FLOP vs unrolled':>22}")

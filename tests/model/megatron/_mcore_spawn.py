@@ -2,8 +2,9 @@
 
     results = run_ranks(worker_fn, world_size=2, tmp_path=tmp_path, **kwargs)   # one result per rank
 
-`worker_fn(rank, world_size, **kwargs)` runs after `init_process_group("gloo")` in each child and returns
-something torch.save can write. A failure on any rank fails the call with that rank's traceback.
+`worker_fn(rank, world_size, **kwargs)` runs after `init_process_group("gloo")` (or `backend="nccl"`, one GPU
+per rank) in each child and returns something torch.save can write. A failure on any rank fails the call with
+that rank's traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, out_dir: str, fn, kwargs: dict) -> None:
+def _child(rank: int, world_size: int, port: int, out_dir: str, fn, kwargs: dict, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -34,7 +35,9 @@ def _child(rank: int, world_size: int, port: int, out_dir: str, fn, kwargs: dict
     try:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, **kwargs)
         torch.save({"ok": True, "result": result}, out)
     except BaseException:
@@ -47,10 +50,11 @@ def _child(rank: int, world_size: int, port: int, out_dir: str, fn, kwargs: dict
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, tmp_path: Path, **kwargs) -> list:
+def run_ranks(fn, world_size: int, tmp_path: Path, backend: str = "gloo", **kwargs) -> list:
     out_dir = Path(tmp_path) / f"ranks-{fn.__name__}-{free_port()}"
     out_dir.mkdir(parents=True)
-    context = mp.spawn(_child, args=(world_size, free_port(), str(out_dir), fn, kwargs), nprocs=world_size, join=False)
+    args = (world_size, free_port(), str(out_dir), fn, kwargs, backend)
+    context = mp.spawn(_child, args=args, nprocs=world_size, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=2):
