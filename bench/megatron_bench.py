@@ -14,7 +14,8 @@ disturbed by other load on a shared machine):
 - unrolled: N*T distinct layers run once (MegatronLoopLM with N*T layers and T = 1: same layers, no loop);
 - stock:    megatron's GPTModel (local spec, 2 norms per layer) with N*T layers, for scale;
 - Ouro objective: the looped model with every step's head, gate and CE (Stage I), and its time per model FLOP
-  against the unrolled one (it does (T-1) more heads, so raw time is not comparable).
+  against the unrolled one (it does (T-1) more heads, so raw time is not comparable); then the same with
+  activation recompute per layer and per loop pass (their extra forward is overhead, not model FLOPs).
 The target is looped / unrolled <= 1.05.
 """
 
@@ -121,20 +122,31 @@ def loop_cost(preset: str, seq: int, batch: int, steps: int, repeats: int) -> li
     def stock_run():
         stock(ids, position_ids, causal_mask, labels=labels).mean().backward()
 
-    def ouro_objective():
-        looped(ids, labels, num_steps=steps, beta=0.05).loss.backward()
+    recomputed = {
+        mode: MegatronLoopLM(config, ParallelConfig(precision="fp32", recompute=mode)) for mode in ("layer", "loop")
+    }
+
+    def ouro_objective(model=looped):
+        def run():
+            model(ids, labels, num_steps=steps, beta=0.05).loss.backward()
+
+        return run
 
     variants = {
         f"looped: {config.num_hidden_layers} layers x T={steps}": loop_only(looped, steps),
         f"unrolled: {unrolled_config.num_hidden_layers} layers x T=1": loop_only(unrolled, 1),
         f"stock GPTModel: {unrolled_config.num_hidden_layers} layers": stock_run,
-        f"Ouro Stage I objective, T={steps}": ouro_objective,
+        f"Ouro Stage I objective, T={steps}": ouro_objective(),
+        "  the same, recompute=layer": ouro_objective(recomputed["layer"]),
+        "  the same, recompute=loop": ouro_objective(recomputed["loop"]),
     }
     flops = {
         0: config.flops_per_token(seq, steps, lm_head_steps=1)["total"],
         1: unrolled_config.flops_per_token(seq, 1)["total"],
         2: unrolled_config.flops_per_token(seq, 1)["total"],
         3: config.flops_per_token(seq, steps)["total"],
+        4: config.flops_per_token(seq, steps)["total"],  # recompute is overhead, not model FLOPs
+        5: config.flops_per_token(seq, steps)["total"],
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):  # interleaved, so machine load affects every variant alike

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 PRECISIONS = ("auto", "fp32", "bf16")
+RECOMPUTE = ("none", "layer", "loop")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class ParallelConfig:
     transformer_impl: str = "local"  # "local": torch modules, CPU and GPU; "transformer_engine": TE modules
     precision: str = "auto"  # "auto": bf16 with CUDA, fp32 without; "bf16" also runs on CPU (slowly; tests)
     fp8: str | None = None  # the next issue (TE on Hopper); asked for now it is an error, never silently dropped
+    # Activation recompute, the memory of a looped model growing with N x T layer passes (ouro-spec.md §6.5).
+    # "none": keep every activation; "layer": keep each layer pass's input and recompute the layer in backward
+    # (megatron's full/uniform recompute, one layer per unit); "loop": keep only each pass's input h_{t-1} and
+    # recompute the whole stack in backward (loop-level checkpointing: T hidden states kept instead of N x T).
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
@@ -38,6 +44,8 @@ class ParallelConfig:
             raise ConfigError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
         if self.pipeline_parallel != 1:
@@ -110,4 +118,9 @@ class ParallelConfig:
             bias_activation_fusion=False,
             masked_softmax_fusion=False,
             transformer_impl=self.transformer_impl,
+            **(
+                {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+                if self.recompute == "layer"
+                else {}
+            ),
         )

@@ -95,8 +95,18 @@ class MegatronLoopLM(MegatronModule):
         return {"attention_mask": mask, "rotary_pos_emb": self.rotary_pos_emb(seq_len)}
 
     def recurrent_step(self, h: torch.Tensor, attention_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One pass through the whole shared stack, then the final norm: h_{t-1} -> h_t."""
-        return self.final_layernorm(self.decoder(h, **attention_inputs))
+        """One pass through the whole shared stack, then the final norm: h_{t-1} -> h_t.
+
+        With recompute="loop" only h_{t-1} is kept for backward, which reruns the pass (megatron's checkpoint,
+        which also restores the model-parallel RNG states).
+        """
+        if self.parallel.recompute == "loop" and torch.is_grad_enabled() and h.requires_grad:
+            mask, rope = attention_inputs["attention_mask"], attention_inputs["rotary_pos_emb"]
+            return tensor_parallel.checkpoint(self._pass, False, h, mask, rope)
+        return self._pass(h, attention_inputs["attention_mask"], attention_inputs["rotary_pos_emb"])
+
+    def _pass(self, h: torch.Tensor, attention_mask: torch.Tensor, rotary_pos_emb: torch.Tensor) -> torch.Tensor:
+        return self.final_layernorm(self.decoder(h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb))
 
     def full_sequence(self, h: torch.Tensor) -> torch.Tensor:
         """h over the whole sequence. Under SP the backward keeps this rank's slice of the gradient (no sum):

@@ -65,9 +65,9 @@ def _megatron_step(config, checkpoint, ids, labels, parallel, objective: str):
     return (loss / dp).item(), grads, out
 
 
-def parity(rank: int, world_size: int, cases: list[tuple[int, bool]], root: str) -> dict:
+def parity(rank: int, world_size: int, cases: list[tuple[int, bool]], root: str, recompute: str = "none") -> dict:
     """For each (tensor_parallel, sequence_parallel) case, Stage I and Stage II against the reference, the
-    Megatron model loading the reference's saved Ouro HF checkpoint."""
+    Megatron model loading the reference's saved Ouro HF checkpoint (with activation recompute `recompute`)."""
     from looplm.model.megatron.config import ParallelConfig
     from looplm.model.objectives import stage1_loss, stage2_loss
 
@@ -84,7 +84,7 @@ def parity(rank: int, world_size: int, cases: list[tuple[int, bool]], root: str)
                 n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in reference.named_parameters()
             }
             checkpoint = reference.save_pretrained(f"{root}/reference-rank{rank}", overwrite=True)
-            parallel = ParallelConfig(tensor_parallel=tp, sequence_parallel=sp)
+            parallel = ParallelConfig(tensor_parallel=tp, sequence_parallel=sp, recompute=recompute)
             loss, grads, out = _megatron_step(config, checkpoint, ids, labels, parallel, objective)
             errors = relative_errors(grads, ref_grads)
             results[(tp, sp, objective)] = {
@@ -246,3 +246,30 @@ def saved_logit_tensors(rank: int, world_size: int) -> dict:
         h = model.recurrent_step(model.embed(ids), model.attention_inputs(ids.shape[1], ids.device))
         model._head_cross_entropy(h, labels.t().contiguous().clamp_min(0), labels.t() < 0).sum()
     return {"checkpointed": logits_kept_by_checkpointed_head, "control": len(kept)}
+
+
+def activation_bytes(rank: int, world_size: int, modes: list[str], steps: int = 4) -> dict:
+    """Bytes of non-parameter tensors autograd keeps for backward after a Stage I forward, per recompute mode."""
+    from looplm.model.megatron.config import ParallelConfig
+    from looplm.model.megatron.distributed import initialize_model_parallel
+    from looplm.model.megatron.model import MegatronLoopLM
+
+    config, _, ids, labels = reference_and_batch(batch=2, seq=64)
+    out = {}
+    for mode in modes:
+        parallel = ParallelConfig(recompute=mode)
+        initialize_model_parallel(parallel, seed=0)
+        model = MegatronLoopLM(config, parallel)
+        params = {p.data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(tensor, params=params, kept=kept):
+            if tensor.data_ptr() not in params:
+                kept[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels, num_steps=steps, beta=BETA).loss
+        loss.backward()
+        out[mode] = sum(kept.values())
+    return out

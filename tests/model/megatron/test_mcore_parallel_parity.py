@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from _mcore_spawn import run_ranks
-from _mcore_workers import parity
+from _mcore_workers import activation_bytes, parity
 
 TOLERANCE = 1e-5
 
@@ -39,3 +39,23 @@ def test_data_parallel_matches_reference(tmp_path):
     results = run_ranks(parity, 2, tmp_path, cases=[(1, False)], root=str(tmp_path))
     for rank_results in results:
         _check(rank_results)
+
+
+@pytest.mark.parametrize("recompute", ["layer", "loop"])
+def test_activation_recompute_matches_reference(tmp_path, recompute):
+    (results,) = run_ranks(parity, 1, tmp_path, cases=[(1, False)], root=str(tmp_path), recompute=recompute)
+    _check(results)
+
+
+@pytest.mark.slow
+def test_activation_recompute_with_sequence_parallel_matches_reference(tmp_path):
+    for recompute in ("layer", "loop"):
+        for rank_results in run_ranks(parity, 2, tmp_path, cases=[(2, True)], root=str(tmp_path), recompute=recompute):
+            _check(rank_results)
+
+
+def test_activation_recompute_keeps_less_for_backward(tmp_path):
+    """T=4 passes over 2 layers: "layer" keeps each layer pass's input, "loop" only each pass's input."""
+    (kept,) = run_ranks(activation_bytes, 1, tmp_path, modes=["none", "layer", "loop"])
+    assert kept["layer"] < kept["none"] / 3, kept
+    assert kept["loop"] < kept["layer"], kept
