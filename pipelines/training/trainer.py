@@ -185,6 +185,7 @@ def train_on_rank(
                     "beta": beta,
                     "recurrent_steps": steps_t,
                     "global_batch_size": batch_sizes[step],
+                    "tokens_seen": first_samples[done] * seq,  # to compare runs whose batch sizes differ
                     "entropy": _dp_mean(torch.stack([o.entropy for o in outs]).mean()).item(),
                     "skipped_steps": skipped,
                     "tokens_per_s": tokens_per_s,

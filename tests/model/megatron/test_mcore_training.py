@@ -119,6 +119,7 @@ def test_batch_ramp_trains_the_same_on_any_layout_and_resumes_mid_ramp(tmp_path)
     )[0]
     logged = [r for r in straight if "loss" in r]
     assert [r["global_batch_size"] for r in logged] == [2, 2, 4, 6, 8, 8]
+    assert [r["tokens_seen"] for r in logged] == [32 * n for n in (2, 4, 8, 14, 22, 30)]
     assert logged[0]["loss"] == pytest.approx(first[0]["loss"], rel=1e-6)
     for record in (r for r in two_ranks if "loss" in r):
         assert record["loss"] == pytest.approx(logged[record["step"] - 1]["loss"], rel=1e-5), record["step"]
