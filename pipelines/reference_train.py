@@ -7,13 +7,15 @@ linear warmup and cosine decay on the Stage I objective, or on the Stage II obje
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from looplm.model import LoopLM, gate_parameters, stage1_loss, stage2_loss
+
+from .training import schedules
+from .training.config import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,11 @@ def split_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
-    """Linear warmup to settings.lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    floor = settings.min_lr_ratio
-    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """Linear warmup to settings.lr, then cosine decay to min_lr_ratio * lr at the last step: the Megatron
+    trainer's cosine schedule (training/schedules.py), so both trainers decay alike."""
+    floor = settings.lr * settings.min_lr_ratio
+    optim = OptimConfig(lr=settings.lr, min_lr=floor, schedule="cosine", warmup_steps=settings.warmup_steps)
+    return schedules.lr_at(step, optim, settings.steps)
 
 
 def train(
