@@ -59,6 +59,8 @@ def test_looplm_train_cli_trains_the_tiny_preset_and_its_loss_falls(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
     assert (output / "hf" / "config.json").is_file()
+    info = json.loads((output / "run_info.json").read_text())  # what the workers resolved "auto" to
+    assert (info["device"], info["params_dtype"], info["optimizer"]) == ("cpu", "float32", "torch-adamw")
 
 
 def test_metrics_reach_mlflow_once_per_job_from_the_driver(tmp_path):
@@ -69,11 +71,18 @@ def test_metrics_reach_mlflow_once_per_job_from_the_driver(tmp_path):
     config = load_config(PretrainConfig, TINY)
     records = [{"step": 2, "loss": 5.0, "grad_norm": 1.0}, {"step": 4, "loss": 4.0, "grad_norm": 0.5}]
     result = PretrainResult(tmp_path, [*records, {"step": 4, "valid_loss": 4.1}], None, 0)
+    (tmp_path / "run_info.json").write_text(
+        json.dumps({"optimizer": "megatron-distributed", "params_dtype": "bfloat16"})
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_to_mlflow(config, result, tracking_uri=uri)
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags["looplm.transformer_impl"] == "local"
+    assert (run.data.tags["looplm.optimizer"], run.data.tags["looplm.params_dtype"]) == (
+        "megatron-distributed",
+        "bfloat16",
+    )
     assert run.data.params["parallel.transformer_impl"] == "local"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(2, 5.0), (4, 4.0)]
     assert client.get_metric_history(run.info.run_id, "valid_loss")[0].value == 4.1
