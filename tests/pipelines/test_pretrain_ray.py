@@ -19,8 +19,10 @@ SMALL = ["data.seq_len=32", "data.micro_batch_size=4", "data.global_batch_size=8
 
 
 @pytest.mark.slow
-def test_two_worker_job_survives_an_injected_worker_failure_by_resuming(tmp_path):
+@pytest.mark.parametrize("optimizer", ["torch", "megatron"])
+def test_two_worker_job_survives_an_injected_worker_failure_by_resuming(tmp_path, optimizer):
     overrides = SMALL + ["launch.data_parallel=2", "train.steps=16", "train.checkpoint_interval=5"]
+    overrides.append(f"optim.implementation={optimizer}")  # megatron: the DistributedOptimizer's sharded state
     config = load_config(PretrainConfig, TINY, overrides)
     result = launch(config, tmp_path / "run", inject_failure_at_step=10)
     assert result.restarts == 1
