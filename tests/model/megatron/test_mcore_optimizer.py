@@ -90,10 +90,17 @@ def test_distributed_optimizer_resumes_exactly_and_reshards(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_params_train_with_fp32_main_params_and_resume_exactly(tmp_path):
-    """bf16 params (the GPU precision) with the DistributedOptimizer's fp32 main params: close to the fp32 run,
-    and a resumed run is exact, which it could not be if the fp32 main params were rebuilt from bf16 weights."""
-    common = ("train.steps=8", "train.checkpoint_interval=4", "launch.data_parallel=2")
+@pytest.mark.parametrize("distributed", [True, False])
+def test_bf16_params_train_with_fp32_main_params_and_resume_exactly(tmp_path, distributed):
+    """bf16 params (the GPU precision) with the optimizer's fp32 main params (the DistributedOptimizer, or
+    Float16OptimizerWithFloat16Params): close to the fp32 run, and a resumed run is exact, which it could not be if
+    the fp32 main params were rebuilt from bf16 weights."""
+    common = (
+        "train.steps=8",
+        "train.checkpoint_interval=4",
+        "launch.data_parallel=2",
+        f"optim.distributed={distributed}",
+    )
     bf16 = _config(*common, "parallel.precision=bf16")
     fp32 = _config(*common)
     resumed = str(tmp_path / "resumed")
@@ -101,7 +108,8 @@ def test_bf16_params_train_with_fp32_main_params_and_resume_exactly(tmp_path):
     runs += [(bf16, resumed, 6), (bf16, resumed, None)]
     straight, reference, _, resumed_records = run_ranks(train, 2, tmp_path, runs=runs)[0]
     info = json.loads((tmp_path / "bf16" / "run_info.json").read_text())
-    assert (info["params_dtype"], info["optimizer"]) == ("bfloat16", "megatron-distributed")
+    expected = "megatron-distributed" if distributed else "megatron"
+    assert (info["params_dtype"], info["optimizer"]) == ("bfloat16", expected)
     assert LoopLM.from_pretrained(tmp_path / "bf16" / "hf").model.norm.weight.dtype == torch.bfloat16
     for step, loss in _losses(reference).items():
         assert _losses(straight)[step] == pytest.approx(loss, rel=2e-3), step
