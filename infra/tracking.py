@@ -304,6 +304,16 @@ class RunLogger:
 # ---------------------------------------------------------------- runs as context managers
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are written to files and logged, never shown (servers, tests)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from looplm.infra.configs import load_config
-from looplm.infra.tracking import RunLogger
+from looplm.infra.tracking import RunLogger, pyplot
 from looplm.model import ExitPolicy, HiddenDiffExit, LoopLM, LoopLMConfig, QExit, load_pretrained, select_exit_steps
 from looplm.model.hub import resolve_model_dir
 from looplm.model.tokenizer import load_tokenizer
@@ -288,17 +288,8 @@ def lm_eval_rows(model: LoopLM, tokenizer: Any, settings: LmEvalSettings) -> lis
 # ---------------------------------------------------------------- plots and the table
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a server or in a test
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_loss_by_step(table: list[dict[str, Any]], trained_steps: int):
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in table if r["kind"] == "step"]
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -317,7 +308,7 @@ def plot_loss_by_step(table: list[dict[str, Any]], trained_steps: int):
 
 
 def plot_compute_quality(table: list[dict[str, Any]], trained_steps: int):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series = [
         ("static exit (step t)", [r for r in table if r["kind"] == "step" and r["step"] <= trained_steps], "s-"),
@@ -349,7 +340,7 @@ def plot_compute_quality(table: list[dict[str, Any]], trained_steps: int):
 
 
 def plot_exit_histogram(table: list[dict[str, Any]], trained_steps: int, thresholds: tuple[float, ...]):
-    plt = _pyplot()
+    plt = pyplot()
     q_rows = {r["threshold"]: r for r in table if r["kind"] == "qexit" and r["gate"] == "model"}
     chosen = [(f"Q-exit q={q:g}", q_rows[q]) for q in thresholds if q in q_rows]
     hdiff = [r for r in table if r["kind"] == "hdiff"]
@@ -419,7 +410,7 @@ def log_report(run: RunLogger, table: list[dict[str, Any]], trained_steps: int, 
         )
     run.log_text(table_csv(table), "eval_table.csv")
     run.log_dict(table, "eval_table.json")
-    _pyplot().close("all")
+    pyplot().close("all")
     run.flush()
 
 

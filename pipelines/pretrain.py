@@ -159,9 +159,43 @@ def launch(
     return PretrainResult(output, read_metrics(output), checkpointing.latest(output / "checkpoints"), restarts)
 
 
+def plot_training(records: list[dict[str, Any]]):
+    """Three panels over the optimizer step: the loss (and the final validation loss), the cross-entropy of each
+    recurrent step, and the mean exit distribution stacked over the recurrent steps (T may change mid-run)."""
+    from looplm.infra.tracking import pyplot
+
+    plt = pyplot()
+    logged = [r for r in records if "loss" in r]
+    steps = [r["step"] for r in logged]
+    depth = max((int(k.rsplit("_", 1)[1]) for r in logged for k in r if k.startswith("ce_step_")), default=0)
+    fig, (ax_loss, ax_ce, ax_exit) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot(steps, [r["loss"] for r in logged], label="training objective")
+    for record in (r for r in records if "valid_loss" in r):
+        ax_loss.plot(record["step"], record["valid_loss"], "o", color="tab:red", label="validation loss")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend()
+    for t in range(1, depth + 1):
+        ax_ce.plot(steps, [r.get(f"ce_step_{t}", float("nan")) for r in logged], label=f"t = {t}")
+    ax_ce.set_ylabel("cross-entropy at recurrent step t")
+    ax_ce.legend(ncol=2, fontsize=8)
+    if logged and depth:
+        shares = [[r.get(f"exit_prob_step_{t}", 0.0) for r in logged] for t in range(1, depth + 1)]
+        ax_exit.stackplot(steps, shares, labels=[f"t = {t}" for t in range(1, depth + 1)])
+        ax_exit.legend(ncol=2, fontsize=8, loc="upper right")
+    ax_exit.set_ylabel("mean exit probability p(t)")
+    ax_exit.set_ylim(0, 1)
+    for ax in (ax_loss, ax_ce, ax_exit):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Pretraining: loss, per-step cross-entropy and exit distribution")
+    fig.tight_layout()
+    return fig
+
+
 def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: str | None = None) -> None:
-    """One MLflow run for the job, written from the driver: params = the config, metrics = the logged records."""
-    from looplm.infra.tracking import pipeline_run
+    """One MLflow run for the job, written from the driver: params = the config, metrics = the logged records,
+    and the training plot (plots/training.png)."""
+    from looplm.infra.tracking import pipeline_run, pyplot
 
     from .training.trainer import RUN_INFO
 
@@ -173,6 +207,10 @@ def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: 
         for record in result.records:
             metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
             run.log_metrics(metrics, step=int(record["step"]))
+        if any("loss" in r for r in result.records):
+            figure = plot_training(result.records)
+            run.log_figure(figure, "plots/training.png")
+            pyplot().close(figure)
 
 
 def print_record(record: dict[str, Any]) -> None:
@@ -198,6 +236,9 @@ def run_from_args(args) -> int:
     )
     result = launch(config, output, on_record=print_record)
     print(f"latest checkpoint: {result.checkpoint}")
+    if any("loss" in r for r in result.records):
+        plot_training(result.records).savefig(output / "training.png", dpi=110, bbox_inches="tight")
+        print(f"training curves: {output / 'training.png'}")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         log_to_mlflow(config, result)
     else:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from looplm.infra.tracking import pyplot
 from looplm.pipelines.curation.quality import QUALITY_STEPS
 
 # Steps that remove documents, in pipeline order ("read" is the quarantine of bad input).
@@ -157,11 +158,7 @@ def planted_scores(stats: pd.DataFrame) -> dict:
 
 
 def plot_lengths(stats: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths = stats["n_chars"].clip(lower=1).to_numpy()
     kept = lengths[(stats["removed_by"] == "").to_numpy()]
     bins = np.logspace(np.log10(lengths.min()), np.log10(max(10, lengths.max())) + 0.1, 50)
@@ -179,11 +176,7 @@ def plot_lengths(stats: pd.DataFrame, path: Path) -> None:
 
 
 def plot_languages(stats: pd.DataFrame, path: Path, top: int = 15) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     counts = stats.loc[stats["lang"] != "", "lang"].value_counts().head(top)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(counts.index.astype(str), counts.to_numpy())

@@ -61,6 +61,7 @@ def test_looplm_train_cli_trains_the_tiny_preset_and_its_loss_falls(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
     assert (output / "hf" / "config.json").is_file()
+    assert (output / "training.png").stat().st_size > 10_000 and "training curves:" in done.stdout
     info = json.loads((output / "run_info.json").read_text())  # what the workers resolved "auto" to
     assert (info["device"], info["params_dtype"], info["optimizer"]) == ("cpu", "float32", "torch-adamw")
 
@@ -71,7 +72,11 @@ def test_metrics_reach_mlflow_once_per_job_from_the_driver(tmp_path):
     from looplm.pipelines.pretrain import PretrainResult, log_to_mlflow
 
     config = load_config(PretrainConfig, TINY)
-    records = [{"step": 2, "loss": 5.0, "grad_norm": 1.0}, {"step": 4, "loss": 4.0, "grad_norm": 0.5}]
+    per_step = {"ce_step_1": 6.0, "ce_step_2": 5.0, "exit_prob_step_1": 0.3, "exit_prob_step_2": 0.7}
+    records = [
+        {"step": 2, "loss": 5.0, "grad_norm": 1.0, **per_step},
+        {"step": 4, "loss": 4.0, "grad_norm": 0.5, **per_step},
+    ]
     result = PretrainResult(tmp_path, [*records, {"step": 4, "valid_loss": 4.1}], None, 0)
     (tmp_path / "run_info.json").write_text(
         json.dumps({"optimizer": "megatron-distributed", "params_dtype": "bfloat16"})
@@ -88,3 +93,4 @@ def test_metrics_reach_mlflow_once_per_job_from_the_driver(tmp_path):
     assert run.data.params["parallel.transformer_impl"] == "local"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(2, 5.0), (4, 4.0)]
     assert client.get_metric_history(run.info.run_id, "valid_loss")[0].value == 4.1
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/training.png"]
