@@ -109,7 +109,8 @@ def save_pretrained(
     return target
 
 
-def load_config(directory: str | Path) -> LoopLMConfig:
+def read_config_json(directory: str | Path) -> dict:
+    """A checkpoint folder's config.json as written, every key kept (errors name the file and what is wrong)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} not found: not a checkpoint folder")
@@ -117,7 +118,13 @@ def load_config(directory: str | Path) -> LoopLMConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    return LoopLMConfig.from_hf_dict(data)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def load_config(directory: str | Path) -> LoopLMConfig:
+    return LoopLMConfig.from_hf_dict(read_config_json(directory))
 
 
 def _weight_files(directory: Path) -> list[Path]:

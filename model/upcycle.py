@@ -55,6 +55,7 @@ from .checkpoint import (
     CheckpointError,
     _shards,
     _weight_files,
+    read_config_json,
 )
 from .config import ConfigError, LoopLMConfig
 from .hub import resolve_model_dir
@@ -103,20 +104,6 @@ def _check_arguments(factor: int, order: str) -> None:
         raise ConfigError(f"upcycling factor must be an integer of at least 2, got {factor!r}")
     if order not in ORDERS:
         raise ConfigError(f"upcycling order {order!r} is not one of {', '.join(ORDERS)}")
-
-
-def _read_config(directory: Path) -> tuple[dict[str, Any], LoopLMConfig]:
-    """config.json as written (every key kept) and as a LoopLMConfig (which rejects a non-Ouro config)."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: not a checkpoint folder")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data, LoopLMConfig.from_hf_dict(data)
 
 
 def upcycled_config(data: dict[str, Any], factor: int = 2, order: str = "stacked") -> dict[str, Any]:
@@ -277,7 +264,8 @@ def upcycle_layers(
     directory = resolve_model_dir(src)
     if not directory.is_dir():
         raise CheckpointError(f"source checkpoint folder {directory} not found")
-    data, config = _read_config(directory)
+    data = read_config_json(directory)
+    config = LoopLMConfig.from_hf_dict(data)  # rejects a non-Ouro config
     new_config = upcycled_config(data, factor, order)
 
     with ExitStack() as stack:
