@@ -28,6 +28,7 @@ from looplm.infra.configs import load_config, to_dict
 from .training.config import PretrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+TRAINING_PLOT = "training.png"
 
 
 @dataclass
@@ -192,10 +193,22 @@ def plot_training(records: list[dict[str, Any]]):
     return fig
 
 
-def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: str | None = None) -> None:
+def save_training_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """plot_training as a PNG at `path`; None (and no file) when no training step was logged."""
+    from looplm.infra.tracking import pyplot
+
+    if not any("loss" in r for r in records):
+        return None
+    figure = plot_training(records)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(figure)
+    return path
+
+
+def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: str | None = None) -> Path | None:
     """One MLflow run for the job, written from the driver: params = the config, metrics = the logged records,
-    and the training plot (plots/training.png)."""
-    from looplm.infra.tracking import pipeline_run, pyplot
+    and the training plot (<output>/training.png, logged as plots/training.png). Returns the plot's path."""
+    from looplm.infra.tracking import pipeline_run
 
     from .training.trainer import RUN_INFO
 
@@ -207,10 +220,10 @@ def log_to_mlflow(config: PretrainConfig, result: PretrainResult, tracking_uri: 
         for record in result.records:
             metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
             run.log_metrics(metrics, step=int(record["step"]))
-        if any("loss" in r for r in result.records):
-            figure = plot_training(result.records)
-            run.log_figure(figure, "plots/training.png")
-            pyplot().close(figure)
+        plot = save_training_plot(result.records, result.output / TRAINING_PLOT)
+        if plot is not None:
+            run.log_artifact(plot, "plots")
+    return plot
 
 
 def print_record(record: dict[str, Any]) -> None:
@@ -236,11 +249,11 @@ def run_from_args(args) -> int:
     )
     result = launch(config, output, on_record=print_record)
     print(f"latest checkpoint: {result.checkpoint}")
-    if any("loss" in r for r in result.records):
-        plot_training(result.records).savefig(output / "training.png", dpi=110, bbox_inches="tight")
-        print(f"training curves: {output / 'training.png'}")
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        log_to_mlflow(config, result)
+        plot = log_to_mlflow(config, result)
     else:
+        plot = save_training_plot(result.records, result.output / TRAINING_PLOT)
         print("MLFLOW_TRACKING_URI is not set: metrics are in", output / METRICS_FILE)
+    if plot is not None:
+        print(f"training curves: {plot}")
     return 0

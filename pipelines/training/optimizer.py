@@ -128,7 +128,3 @@ def step(optimizer: Any, model: torch.nn.Module, norm: float, grad_clip: float) 
         if param.requires_grad:
             param.grad = param.main_grad.mul_(clip)
     optimizer.step()
-
-
-def zero_grad(optimizer: Any) -> None:
-    optimizer.zero_grad(set_to_none=True)

@@ -62,14 +62,13 @@ def _dp_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / parallel_state.get_data_parallel_world_size()
 
 
-def prepare_data(config: PretrainConfig, output: Path, vocab_size: int) -> tuple[Any, Any]:
+def prepare_data(config: PretrainConfig, output: Path, vocab_size: int, train_samples: int) -> tuple[Any, Any]:
     paths = list(config.data.paths)
     if not paths:
         if dist.get_rank() == 0:
             write_synthetic_corpus(output / "data", vocab_size, config.data.eod_token)
         dist.barrier()
         paths = [str(output / "data" / kind) for kind in ("counting", "motif")]
-    train_samples = sum(global_batch_sizes(config.data, config.launch.data_parallel, config.train.steps))
     return build_datasets(config.data, paths, vocab_size, train_samples, output / "data" / "cache")
 
 
@@ -106,7 +105,9 @@ def train_on_rank(
     if dist.get_rank() == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    train_data, valid_data = prepare_data(config, output, model_config.vocab_size)
+    batch_sizes = global_batch_sizes(config.data, config.launch.data_parallel, config.train.steps)
+    first_samples = [0, *itertools.accumulate(batch_sizes)]  # the global batch of step s starts at first_samples[s]
+    train_data, valid_data = prepare_data(config, output, model_config.vocab_size, first_samples[-1])
 
     ckpt_root = output / "checkpoints"
     start, skipped = 0, 0
@@ -124,8 +125,6 @@ def train_on_rank(
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     device = next(model.parameters()).device
     seq = config.data.seq_len
-    batch_sizes = global_batch_sizes(config.data, dp_size, config.train.steps)
-    first_samples = [0, *itertools.accumulate(batch_sizes)]  # the global batch of step s starts at first_samples[s]
     per_micro = config.data.micro_batch_size * dp_size
     records: list[dict[str, Any]] = []
     in_a_row, interval_start, interval_tokens = 0, time.perf_counter(), 0
@@ -136,7 +135,7 @@ def train_on_rank(
         lr = lr_at(step, config.optim, config.train.steps)
         steps_t, beta = recurrent_steps_at(step, config.loop), beta_at(step, config.loop)
         ddp.zero_grad_buffer()
-        optim_lib.zero_grad(optimizer)
+        optimizer.zero_grad(set_to_none=True)
         batches = [
             micro_batch(train_data, first_samples[step], micro, config.data, dp_rank, dp_size)
             for micro in range(batch_sizes[step] // per_micro)
