@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -127,6 +128,25 @@ def load_config(directory: str | Path) -> LoopLMConfig:
     return LoopLMConfig.from_hf_dict(read_config_json(directory))
 
 
+def _skeleton_and_shapes(config: LoopLMConfig) -> tuple[LoopLM, dict[str, tuple[int, ...]]]:
+    """A meta-device LoopLM of `config`, and the name and shape of every tensor its checkpoint must hold."""
+    with torch.device("meta"):
+        skeleton = LoopLM(config)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    return skeleton, expected
+
+
+def _check_names(directory: Path, expected: dict[str, tuple[int, ...]], found: Iterable[str]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing tensor(s): {', '.join(missing)}")
+    if unexpected:
+        raise CheckpointError(f"checkpoint {directory} has unexpected tensor(s): {', '.join(unexpected)}")
+
+
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX_NAME
     if index.is_file():
@@ -151,11 +171,7 @@ def load_pretrained(
     hub.py); dtype None keeps the checkpoint's own dtype."""
     directory = resolve_model_dir(directory)
     config = load_config(directory)
-    with torch.device("meta"):
-        skeleton = LoopLM(config)
-    expected = {name: t.shape for name, t in skeleton.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    skeleton, expected = _skeleton_and_shapes(config)
 
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(directory):
@@ -164,12 +180,7 @@ def load_pretrained(
                 if name in tensors:
                     raise CheckpointError(f"tensor {name!r} appears in more than one weight file")
                 tensors[name] = reader.get_tensor(name)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise CheckpointError(f"checkpoint {directory} is missing tensor(s): {', '.join(missing)}")
-    if unexpected:
-        raise CheckpointError(f"checkpoint {directory} has unexpected tensor(s): {', '.join(unexpected)}")
+    _check_names(directory, expected, tensors)
     file_dtype = _declared_dtype(directory, config, tensors)
     for name, tensor in tensors.items():
         if tensor.shape != expected[name]:

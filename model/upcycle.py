@@ -53,13 +53,14 @@ from .checkpoint import (
     INDEX_NAME,
     SINGLE_FILE,
     CheckpointError,
+    _check_names,
     _shards,
+    _skeleton_and_shapes,
     _weight_files,
     read_config_json,
 )
 from .config import ConfigError, LoopLMConfig
 from .hub import resolve_model_dir
-from .looplm import LoopLM
 
 ORDERS = ("stacked", "interleaved")
 COMPANION_FILES = (
@@ -138,17 +139,8 @@ def _source_tensors(directory: Path, config: LoopLMConfig, stack: ExitStack) -> 
             if name in readers:
                 raise CheckpointError(f"tensor {name!r} appears in more than one weight file")
             readers[name] = reader
-    with torch.device("meta"):
-        skeleton = LoopLM(config)
-    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(readers))
-    unexpected = sorted(set(readers) - set(expected))
-    if missing:
-        raise CheckpointError(f"checkpoint {directory} is missing tensor(s): {', '.join(missing)}")
-    if unexpected:
-        raise CheckpointError(f"checkpoint {directory} has unexpected tensor(s): {', '.join(unexpected)}")
+    _, expected = _skeleton_and_shapes(config)
+    _check_names(directory, expected, readers)
     for name, reader in readers.items():
         view = reader.get_slice(name)
         if tuple(view.get_shape()) != expected[name]:
