@@ -11,6 +11,14 @@ with them on, seven huey consumers poll at ~17 % of a core while idle). Any back
 
 `ensure_tracking_server` reuses a server that MLFLOW_TRACKING_URI already points at and starts one otherwise.
 The server runs in its own process group so that `stop` ends it and its workers, and nothing else.
+
+Every command that tracks calls `check_tracking_server` before its work starts: an http(s) tracking URI that
+does not answer is refused at once (a typo or a stopped server is found in seconds, not at the end of a long
+run; an outage *during* a run is survived by spilling, tracking.py), and runs spilled during an earlier outage of
+that server are sent to it (spill.py), with a line per run saying so.
+
+`looplm mlflow` serves on a fixed port (DEFAULT_PORT, or --port), so that after a restart it is where running
+jobs and spilled runs expect it; a taken port is a one-line error that says whether an MLflow server holds it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ROOT = "runs/mlflow"
+DEFAULT_PORT = 5000  # MLflow's own default port: `looplm mlflow` always comes back on it
 
 
 class MlflowServerError(RuntimeError):
@@ -159,28 +168,80 @@ class MlflowServer:
         self.stop()
 
 
+def check_tracking_server(uri: str | None = None) -> str | None:
+    """The check every command that tracks makes before it starts work: the tracking URI (`uri`, else
+    MLFLOW_TRACKING_URI; None when neither is set), refused with MlflowServerError when it is http(s) and does
+    not answer /health. Runs spilled during an earlier outage of that server are then sent to it, and printed."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    if uri.startswith(("http://", "https://")) and not is_healthy(uri):
+        raise MlflowServerError(
+            f"the tracking server MLFLOW_TRACKING_URI={uri} does not answer; start it (`looplm mlflow`) or unset "
+            "MLFLOW_TRACKING_URI"
+        )
+    replay_spilled_runs(uri)
+    return uri
+
+
+def replay_spilled_runs(uri: str) -> list:
+    """Send the runs spilled for `uri` to it (spill.py) and print what was sent and what still waits."""
+    from looplm.infra.spill import replay_spills, report
+
+    replayed = replay_spills(uri)
+    message = report(replayed, uri)
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    return replayed
+
+
 def ensure_tracking_server(config: MlflowServerConfig = MlflowServerConfig()) -> tuple[str, MlflowServer | None]:
     """The tracking URI to log to, and the server started for it (None when an existing one is reused).
 
     A MLFLOW_TRACKING_URI that is not http(s) (a sqlite or file store) is used as it is; an http(s) one must
-    answer /health, else this is an error rather than a silent second server.
+    answer /health, else this is an error rather than a silent second server (`check_tracking_server`).
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = check_tracking_server()
     if uri:
-        if uri.startswith(("http://", "https://")) and not is_healthy(uri):
-            raise MlflowServerError(f"MLFLOW_TRACKING_URI={uri} does not answer /health; start it or unset it")
         return uri, None
     server = MlflowServer(config).start()
     return server.url, server
 
 
+def port_is_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """`looplm mlflow [--output ROOT]`: run a tracking server in the foreground until Ctrl-C or SIGTERM."""
-    config = MlflowServerConfig(root=args.output or DEFAULT_ROOT)
+    """`looplm mlflow [--output ROOT] [--port N]`: run a tracking server in the foreground until Ctrl-C or SIGTERM."""
+    port = DEFAULT_PORT if getattr(args, "port", None) is None else args.port
+    config = MlflowServerConfig(root=args.output or DEFAULT_ROOT, port=port)
+    if port and port_is_taken(config.host, port):
+        url = f"http://{config.host}:{port}"
+        if is_healthy(url):
+            print(
+                f"looplm mlflow: an MLflow server already answers at {url}: use it (export MLFLOW_TRACKING_URI={url})"
+                ", or start another one with --port N",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"looplm mlflow: port {port} on {config.host} is taken by another program; choose a free one with "
+                "--port N (--port 0: any free port)",
+                file=sys.stderr,
+            )
+        return 2
     server = MlflowServer(config)
     print(f"starting mlflow server on {server.url} (store {server.backend_store_uri})", flush=True)
     server.start()
     print(f"MLflow UI at {server.url}\n  export MLFLOW_TRACKING_URI={server.url}\n(Ctrl-C stops it)", flush=True)
+    replay_spilled_runs(server.url)
     stopping = False
 
     def _stop(signum, frame):

@@ -11,8 +11,12 @@ Every run is tagged with the code version (the git commit of the looplm checkout
 Writes go through `MlflowClient` (no global active run) and are queued: metrics are sent in batches, params,
 tags and artifacts as soon as they can be. When the server does not answer, nothing is dropped and the caller
 is not blocked: the queue is kept, a warning says the server is down, and the next write or `flush` tries again.
-If the server is still down when the run ends, the queue is written to a JSON-lines spill file whose path the
-warning names, so a long training run never dies of, or silently loses metrics to, a tracking outage.
+If the server is still down when the run ends, the queue is written to a spill folder whose path the warning
+names (spill.py: the run's params, tags, metrics and copies of its artifacts), so a long training run never dies
+of, or silently loses metrics to, a tracking outage; the next command that tracks to that server replays it.
+
+Experiments are created as training ("custom model development") experiments, so MLflow 3's UI opens them on
+the runs table, not on the GenAI overview.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +44,9 @@ DEFAULT_EXPERIMENT = "looplm"
 PARENT_TAG = "mlflow.parentRunId"  # the tag MLflow's UI nests runs by
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values; the full config is also logged as config.json
 SPILL_DIR_ENV = "LOOPLM_TRACKING_SPILL_DIR"
+# MLflow 3's experiment type (the UI's "experiment kind"): a training experiment opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 # ---------------------------------------------------------------- what a run records about itself
@@ -96,6 +104,35 @@ def local_artifact_location(tracking_uri: str) -> str | None:
         return None
     database = Path(tracking_uri.removeprefix("sqlite:///"))  # sqlite:////abs/x.db -> /abs/x.db
     return (database.resolve().parent / "artifacts").as_uri()
+
+
+def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, created if missing as a training experiment (EXPERIMENT_KIND_TAG); an existing
+    one without a kind gets that kind too, while a kind someone chose is left alone."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            location = local_artifact_location(tracking_uri)
+            tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+            return client.create_experiment(name, artifact_location=location, tags=tags)
+        except MlflowException:  # created meanwhile by another process: use theirs
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def by_step_metrics(metrics: Mapping[str, float], step: int) -> dict[str, float]:
+    """Per-step values under names that carry the step ("val_loss_by_step" at t=3 -> "val_loss_by_step/t03").
+
+    Logged beside the stepped series: MLflow's compare page shows each metric's last value only, so the series
+    alone puts t=8 of one run beside t=6 of another; these names line the same t up across runs. Two digits
+    keep t=10 after t=9 in the UI's alphabetical order."""
+    return {f"{name}/t{step:02d}": value for name, value in metrics.items()}
 
 
 # ---------------------------------------------------------------- one run
@@ -209,13 +246,8 @@ class RunLogger:
         if self.parent is not None:
             self.parent._ensure_run()
             tags[PARENT_TAG] = self.parent.run_id
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            location = local_artifact_location(self.tracking_uri)
-            experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
-        run = self.client.create_run(experiment_id, start_time=self.start_ms, tags=tags, run_name=self.name)
+        experiment = experiment_id(self.client, self.experiment, self.tracking_uri)
+        run = self.client.create_run(experiment, start_time=self.start_ms, tags=tags, run_name=self.name)
         self.run_id = run.info.run_id
         self._tags = {}
 
@@ -275,30 +307,16 @@ class RunLogger:
                 self._mark_down(f"{type(err).__name__}: {err}")
         return self._spill(status)
 
+    @property
+    def spill_key(self) -> str:
+        """This run's name in the spill folder (and its children's pointer to it while it has no run id)."""
+        safe_name = re.sub(r"[^\w.-]", "_", self.name)
+        return f"{safe_name}-{self.start_ms}-{os.getpid()}"
+
     def _spill(self, status: str) -> Path:
-        folder = Path(os.environ.get(SPILL_DIR_ENV) or Path(tempfile.gettempdir()) / "looplm-tracking-spill")
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.name.replace('/', '_')}-{self.start_ms}-{os.getpid()}.jsonl"
-        with path.open("w") as out:
-            header = {"run_name": self.name, "run_id": self.run_id, "experiment": self.experiment, "status": status}
-            header["parent_run_id"] = self.parent.run_id if self.parent is not None else None
-            out.write(json.dumps({"run": header}) + "\n")
-            out.write(json.dumps({"params": self._params, "tags": self._tags}) + "\n")
-            for m in self._metrics:
-                out.write(json.dumps({"metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}))
-                out.write("\n")
-            for local, folder_name in self._artifacts:
-                out.write(json.dumps({"artifact": local, "artifact_path": folder_name}) + "\n")
-        log.warning(
-            "run %s: tracking server %s unreachable at the end; %d metrics, %d params and %d artifacts kept in %s",
-            self.name,
-            self.tracking_uri,
-            len(self._metrics),
-            len(self._params),
-            len(self._artifacts),
-            path,
-        )
-        return path
+        from looplm.infra.spill import write_spill
+
+        return write_spill(self, status)
 
 
 # ---------------------------------------------------------------- runs as context managers

@@ -14,8 +14,10 @@ What it measures, on held-out text packed into fixed-length rows:
   (`reasoning_eval`).
 
 Everything goes to the tracking server: per-step metrics with the recurrent step as the MLflow step (so the UI
-plots runs against each other by step), threshold curves with round(100 q) as the step, PNG plots (loss by step,
-the compute-quality curve, the exit-step histogram) and a table (CSV and JSON) with every number behind them.
+plots runs against each other by step) and once more under names that carry the step ("val_loss_by_step/t03",
+so the compare page, which shows each metric's last value, lines the same t up across runs), threshold curves
+with round(100 q) as the step, PNG plots (loss by step, the compute-quality curve, the exit-step histogram) and a
+table (CSV and JSON) with every number behind them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from typing import Any
 import torch
 
 from looplm.infra.configs import load_config
-from looplm.infra.tracking import RunLogger, pyplot
+from looplm.infra.tracking import RunLogger, by_step_metrics, pyplot
 from looplm.model import ExitPolicy, HiddenDiffExit, LoopLM, LoopLMConfig, QExit, load_pretrained, select_exit_steps
+from looplm.model.checkpoint import read_config_json
 from looplm.model.hub import resolve_model_dir
 from looplm.model.tokenizer import load_tokenizer
 from looplm.pipelines.reasoning_eval import ReasoningTasks, reasoning_rows
@@ -387,6 +390,7 @@ def log_report(run: RunLogger, table: list[dict[str, Any]], trained_steps: int, 
         if row["kind"] == "step":
             metrics = {"val_loss_by_step": row["loss"], "val_ppl_by_step": row["ppl"], "val_acc_by_step": row["acc"]}
             run.log_metrics(metrics, step=row["step"])
+            run.log_metrics(by_step_metrics(metrics, row["step"]))  # what the compare page lines up across runs
             if row["step"] == trained_steps:
                 run.log_metrics({"val_loss": row["loss"], "val_ppl": row["ppl"], "val_acc": row["acc"]})
         elif row["kind"] in ("qexit", "hdiff"):
@@ -395,9 +399,13 @@ def log_report(run: RunLogger, table: list[dict[str, Any]], trained_steps: int, 
             metrics = {f"{prefix}_{key}": row[key] for key in ("avg_steps", "loss", "acc", "flops_per_token")}
             run.log_metrics(metrics, step=step)
         elif row["kind"] == "lm_eval":
-            run.log_metrics({_metric_name(f"lm_eval/{row['task']}/{row['metric']}"): row["value"]}, step=row["step"])
+            metrics = {_metric_name(f"lm_eval/{row['task']}/{row['metric']}"): row["value"]}
+            run.log_metrics(metrics, step=row["step"])
+            run.log_metrics(by_step_metrics(metrics, row["step"]))
         elif row["kind"] == "reasoning":
-            run.log_metrics({f"exact_match_{row['task']}_by_step": row["exact_match"]}, step=row["step"])
+            metrics = {f"exact_match_{row['task']}_by_step": row["exact_match"]}
+            run.log_metrics(metrics, step=row["step"])
+            run.log_metrics(by_step_metrics(metrics, row["step"]))
     step_rows = [r for r in table if r["kind"] == "step"]
     if step_rows:
         best = min(step_rows, key=lambda r: r["loss"])
@@ -456,6 +464,15 @@ def run(config: EvalConfig, tracker: RunLogger | None = None, output: str | Path
     return table
 
 
+def check_inputs(config: EvalConfig) -> None:
+    """Raise, naming the input, if a model, its tokenizer or the data file `run` needs is missing."""
+    for location in filter(None, (config.model, config.stage1_model)):
+        read_config_json(resolve_model_dir(location))
+    load_tokenizer(resolve_model_dir(config.model))
+    if config.data.path is not None and not Path(config.data.path).is_file():
+        raise FileNotFoundError(f"evaluation data {config.data.path} not found")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """`looplm eval CONFIG [k=v ...] [--output DIR]`: log to MLFLOW_TRACKING_URI, or to a server started on the
     default store (runs/mlflow, the one `looplm mlflow` serves) for the duration of the evaluation."""
@@ -465,6 +482,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = load_config(EvalConfig, args.config, args.overrides)
     tracking_uri, server = ensure_tracking_server()
     try:
+        check_inputs(config)  # before any run exists: an attempt that fails here leaves no FAILED run behind
         print(f"tracking to {tracking_uri}")
         with pipeline_run(config.run_name, config=config, experiment=config.experiment, tracking_uri=tracking_uri) as p:
             with step_run(p, "evaluate", config=config) as step:

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="stacked: layers [1..N, 1..N]; interleaved: [1, 1, 2, 2, ...] (default: stacked)",
             )
             continue
+        if name == "mlflow":
+            command.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 5000; 0: any free port)")
         command.add_argument("--output", help="output folder (default: under ./runs)")
     return parser
 

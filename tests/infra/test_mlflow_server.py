@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,18 +70,63 @@ def test_bad_server_config_names_the_field():
 
 
 @pytest.mark.slow
-def test_looplm_mlflow_command_serves_until_sigterm_then_stops_cleanly(tmp_path):
-    command = [sys.executable, "-m", "looplm.platform.cli", "mlflow", "--output", str(tmp_path / "store")]
+def test_looplm_mlflow_serves_on_its_port_sends_spilled_runs_and_stops_cleanly(tmp_path):
+    """`looplm mlflow --port P` after runs meant for P were spilled during an outage: the server comes up on P,
+    sends them (nested as they were, artifacts included) and says so; a second `looplm mlflow --port P` is one
+    line and exit 2; SIGTERM stops the server."""
+    from mlflow.tracking import MlflowClient
+
+    from looplm.infra.spill import pending_spills
+    from looplm.infra.tracking import PARENT_TAG, pipeline_run, step_run
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env["LOOPLM_TRACKING_SPILL_DIR"] = str(tmp_path / "spill")
+    os.environ["LOOPLM_TRACKING_SPILL_DIR"] = env["LOOPLM_TRACKING_SPILL_DIR"]
+    try:  # a pipeline run and its step run, ended while nothing answers at `url`: both spilled
+        with (
+            pipeline_run("outage", config={"lr": 0.001}, experiment="catch-up", tracking_uri=url) as run,
+            step_run(run, "train", config={"steps": 3}) as step,
+        ):
+            for t in (1, 2, 3):
+                step.log_metrics({"loss": 1.0 / t}, step=t)
+            step.log_text("curve\n", "plots/curve.txt")
+        assert len(pending_spills()) == 2
+    finally:
+        del os.environ["LOOPLM_TRACKING_SPILL_DIR"]
+    command = [sys.executable, "-m", "looplm.platform.cli", "mlflow", "--output", str(tmp_path / "store")]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
-        url = None
+        lines = []
         for line in process.stdout:
-            if line.startswith("MLflow UI at "):
-                url = line.split()[-1]
+            lines.append(line.rstrip())
+            if line.startswith("  outage/train (run "):
                 break
-        assert url is not None and url.startswith("http://127.0.0.1:")
+        assert f"MLflow UI at {url}" in lines
+        assert f"sent 2 run(s) that reached no tracking server before to {url}:" in lines
         assert is_healthy(url)
+        assert list((tmp_path / "spill").iterdir()) == []
+        client = MlflowClient(url)
+        experiment = client.get_experiment_by_name("catch-up")
+        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        parent, child = runs["outage"], runs["outage/train"]
+        assert parent.info.status == child.info.status == "FINISHED"
+        assert child.data.tags[PARENT_TAG] == parent.info.run_id
+        assert parent.data.params == {"lr": "0.001"} and child.data.params == {"steps": "3"}
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+        curve = client.download_artifacts(child.info.run_id, "plots/curve.txt", str(tmp_path / "down"))
+        assert Path(curve).read_text() == "curve\n"
+
+        again = subprocess.run([*command, "--port", str(port)], capture_output=True, text=True, env=env, timeout=60)
+        assert again.returncode == 2 and again.stdout == ""
+        assert again.stderr.strip() == (
+            f"looplm mlflow: an MLflow server already answers at {url}: use it "
+            f"(export MLFLOW_TRACKING_URI={url}), or start another one with --port N"
+        )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert not is_healthy(url, timeout_s=0.5)
