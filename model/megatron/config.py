@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMPUTE = ("none", "layer", "loop")
+# FP8 (model/megatron/fp8.py): megatron's format and recipe names. TE runs every recipe; the local FP8 linear
+# (real e4m3/e5m2 GEMMs through torch._scaled_mm, CPU included) has tensor scales only, so no MXFP8.
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("tensorwise", "delayed", "mxfp8")
+LOCAL_FP8_RECIPES = ("tensorwise", "delayed")
+FP8_AMAX_ALGOS = ("most_recent", "max")
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,17 @@ class ParallelConfig:
     pipeline_parallel: int = 1  # the next issue: each microbatch travels the pipeline T times
     transformer_impl: str = "local"  # "local": torch modules, CPU and GPU; "transformer_engine": TE modules
     precision: str = "auto"  # "auto": bf16 with CUDA, fp32 without; "bf16" also runs on CPU (slowly; tests)
-    fp8: str | None = None  # the next issue (TE on Hopper); asked for now it is an error, never silently dropped
+    # FP8 GEMMs in the looped blocks (never the LM head or the exit gate): None, "hybrid" (e4m3 forward, e5m2
+    # gradients) or "e4m3". transformer_engine: TE's FP8; local: fp8.py's FP8 linear. Where it cannot run it is an
+    # error, never silently dropped.
+    fp8: str | None = None
+    fp8_recipe: str = "tensorwise"  # current scaling (the measured default, fp8.py); "delayed"; "mxfp8" (TE only)
+    fp8_amax_history_len: int = 16  # delayed scaling: calls (T per step) the scale looks back over
+    fp8_amax_compute_algo: str = "max"  # delayed scaling: "max" of the history or its "most_recent" entry
+    fp8_margin: int = 0
+    fp8_first_last_layers_bf16: bool = False  # keep the first/last physical layers (in every loop) out of FP8
+    fp8_layers_at_start_in_bf16: int = 1
+    fp8_layers_at_end_in_bf16: int = 1
     # Activation recompute, the memory of a looped model growing with N x T layer passes (ouro-spec.md §6.5).
     # "none": keep every activation; "layer": keep each layer pass's input and recompute the layer in backward
     # (megatron's full/uniform recompute, one layer per unit); "loop": keep only each pass's input h_{t-1} and
@@ -51,7 +67,40 @@ class ParallelConfig:
         if self.pipeline_parallel != 1:
             raise ConfigError("pipeline_parallel > 1 is not implemented yet (the looped pipeline is the next issue)")
         if self.fp8 is not None:
-            raise ConfigError(f"fp8={self.fp8!r}: FP8 is not implemented yet; it needs transformer_engine on a GPU")
+            self._check_fp8()
+
+    def _check_fp8(self) -> None:
+        """What no machine can run; what this machine cannot run is checked by fp8.check_runtime."""
+        if self.fp8 not in FP8_FORMATS:
+            raise ConfigError(f"fp8 must be None or one of {FP8_FORMATS}, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        if self.fp8_amax_compute_algo not in FP8_AMAX_ALGOS:
+            raise ConfigError(
+                f"fp8_amax_compute_algo must be one of {FP8_AMAX_ALGOS}, got {self.fp8_amax_compute_algo!r}"
+            )
+        if self.fp8_amax_history_len < 1 or self.fp8_margin < 0:
+            raise ConfigError("fp8_amax_history_len must be >= 1 and fp8_margin >= 0")
+        if min(self.fp8_layers_at_start_in_bf16, self.fp8_layers_at_end_in_bf16) < 0:
+            raise ConfigError("fp8_layers_at_start_in_bf16 and fp8_layers_at_end_in_bf16 must be >= 0")
+        if self.transformer_impl == "local":
+            if self.fp8_recipe not in LOCAL_FP8_RECIPES:
+                raise ConfigError(
+                    f"fp8_recipe={self.fp8_recipe!r} is not available with transformer_impl='local': its FP8 linear "
+                    f"has {LOCAL_FP8_RECIPES} (torch._scaled_mm takes no MX block scales); MXFP8 needs "
+                    "transformer_impl='transformer_engine' on a Blackwell GPU"
+                )
+            if self.fp8_recipe == "delayed" and self.recompute != "none":
+                raise ConfigError(
+                    f"fp8_recipe='delayed' with recompute={self.recompute!r} is not available with "
+                    "transformer_impl='local': a recomputed forward would advance the amax history and quantise with "
+                    "another scale than the first forward; use fp8_recipe='tensorwise' or recompute='none'"
+                )
+        elif self.fp8_recipe == "delayed" and self.fp8_first_last_layers_bf16:
+            raise ConfigError(
+                "fp8_first_last_layers_bf16 is not available with fp8_recipe='delayed' on transformer_engine "
+                "(megatron opens one autocast around all layers for delayed scaling); use 'tensorwise'"
+            )
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -76,13 +125,23 @@ class ParallelConfig:
             raise ConfigError(f"tensor_parallel ({tp}) does not divide vocab_size ({model.vocab_size})")
         if model.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=True is not supported by the Megatron LoopLM (Ouro is untied)")
+        if self.fp8 is not None and self.fp8_first_last_layers_bf16:
+            kept = self.fp8_layers_at_start_in_bf16 + self.fp8_layers_at_end_in_bf16
+            if kept >= model.num_hidden_layers:
+                raise ConfigError(
+                    f"fp8_first_last_layers_bf16 keeps {kept} of {model.num_hidden_layers} layers in high precision, "
+                    "so no layer would run in FP8; lower fp8_layers_at_start/end_in_bf16 or set fp8=null"
+                )
 
     def transformer_config(self, model: LoopLMConfig) -> TransformerConfig:
         """The megatron TransformerConfig of `model` under this layout."""
         from megatron.core.transformer.transformer_config import TransformerConfig
         from megatron.core.utils import init_method_normal
 
+        from .fp8 import check_runtime
+
         self.check_model(model)
+        check_runtime(self)
         dtype = self.params_dtype
         on_gpu = torch.cuda.is_available()
         return TransformerConfig(
@@ -118,9 +177,29 @@ class ParallelConfig:
             bias_activation_fusion=False,
             masked_softmax_fusion=False,
             transformer_impl=self.transformer_impl,
+            **self._fp8_fields(),
             **(
                 {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
                 if self.recompute == "layer"
                 else {}
             ),
         )
+
+    def _fp8_fields(self) -> dict:
+        """TransformerConfig's FP8 fields: TE reads them in megatron's fp8 context, the local spec in block_spec."""
+        if self.fp8 is None:
+            return {}
+        fields = dict(
+            fp8=self.fp8,
+            fp8_recipe=self.fp8_recipe,
+            fp8_amax_history_len=self.fp8_amax_history_len,
+            fp8_amax_compute_algo=self.fp8_amax_compute_algo,
+            fp8_margin=self.fp8_margin,
+        )
+        if self.fp8_first_last_layers_bf16:
+            fields.update(
+                first_last_layers_bf16=True,
+                num_layers_at_start_in_bf16=self.fp8_layers_at_start_in_bf16,
+                num_layers_at_end_in_bf16=self.fp8_layers_at_end_in_bf16,
+            )
+        return fields

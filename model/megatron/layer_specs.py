@@ -99,6 +99,8 @@ def _backend(transformer_impl: str) -> tuple[type, type, type, type]:
 
         return RMSNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
     if transformer_impl == "transformer_engine":
+        if not torch.cuda.is_available():  # a machine without CUDA never imports Transformer Engine
+            raise ConfigError("transformer_impl='transformer_engine' needs a CUDA GPU; use transformer_impl='local'")
         try:
             import transformer_engine  # noqa: F401
             from megatron.core.extensions.transformer_engine import (
@@ -122,8 +124,14 @@ def norm_module(transformer_impl: str) -> type:
     return _backend(transformer_impl)[0]
 
 
-def sandwich_layer_spec(transformer_impl: str) -> ModuleSpec:
+def sandwich_layer_spec(transformer_impl: str, fp8_recipe: Any = None) -> ModuleSpec:
+    """The layer; with `fp8_recipe` (an fp8.FP8Recipe, local impl) its four linears are fp8.py's FP8 linears."""
     norm, column_linear, row_linear, core_attention = _backend(transformer_impl)
+    if fp8_recipe is not None:
+        from .fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
+
+        column_linear = ModuleSpec(module=FP8ColumnParallelLinear, params={"fp8_recipe": fp8_recipe})
+        row_linear = ModuleSpec(module=FP8RowParallelLinear, params={"fp8_recipe": fp8_recipe})
     return ModuleSpec(
         module=SandwichTransformerLayer,
         submodules=SandwichLayerSubmodules(
@@ -150,4 +158,13 @@ def sandwich_layer_spec(transformer_impl: str) -> ModuleSpec:
 def block_spec(config: TransformerConfig, transformer_impl: str) -> TransformerBlockSubmodules:
     """The N-layer stack; its final norm is the LoopLM's, applied after every pass, so the block has none."""
     layer = sandwich_layer_spec(transformer_impl)
-    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=None)
+    layers = [layer] * config.num_layers
+    if config.fp8 and transformer_impl == "local":
+        # TE applies FP8 from the config in megatron's fp8 context; the local spec swaps in the FP8 linears,
+        # except in the physical layers kept in high precision.
+        from .fp8 import FP8Recipe, high_precision_layers
+
+        fp8_layer = sandwich_layer_spec(transformer_impl, FP8Recipe.from_transformer_config(config))
+        kept = high_precision_layers(config)
+        layers = [layer if i in kept else fp8_layer for i in range(config.num_layers)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=None)
