@@ -36,7 +36,7 @@ def corpus_config(docs: int, cpus: int):
         ),  # fmt: skip
         SourceConfig(name="mano", kind="mano", count=int(0.1 * docs), weight=0.1, skip=("langid", "quality", "pii")),
     )
-    return CurateConfig(sources=sources, num_cpus=cpus, progress=False)
+    return CurateConfig(sources=sources, num_cpus=cpus, progress=False, builtin_eval=True)
 
 
 def per_step(sample: pd.DataFrame, config) -> list[tuple[str, float]]:

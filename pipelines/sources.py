@@ -1,8 +1,15 @@
 """Sources of raw documents, read into Ray Datasets with one schema.
 
-Every row has: key (unique: "<source>:<id>"), id (the source's own id, kept through the pipeline), source,
+Every row has: key, id (the source's own id, kept through the pipeline), source,
 text, meta (JSON: the record's other fields, and a generator's planted-defect label), planted (that label, '' when
 unknown), removed_by ('' while the document is kept; 'read' when quarantined) and reason.
+
+The key is unique per document, made so by the reader from where the document was read, never from the
+source's own ids, which two files may reuse: "<source>:<file>:<line>" (jsonl), "<source>:<file>:<row>" (parquet),
+"<source>:<file>" (text), "<source>:<row>" (hf), "<source>:<id>" (generated, unique by construction). Removals
+(dedup, decontamination) are keyed by it. Ids that repeat within a source are reported by the curation step.
+
+jsonl files may be compressed (.jsonl.gz, .jsonl.zst, also in folders); pyarrow decompresses them.
 
 Kinds:
     jsonl     a .jsonl file or a folder of them; one JSON object per line
@@ -70,10 +77,15 @@ class SourceConfig:
             raise ValueError(f"source name {self.name!r} may not contain ':' (it separates source and id in keys)")
 
 
-def _row(source: str, doc_id: str, text: str, meta: dict, reason: str = "") -> dict:
+JSONL_SUFFIXES = tuple(f"{ext}{c}" for ext in (".jsonl", ".json") for c in ("", ".gz", ".zst"))
+COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
+MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
+def _row(source: str, doc_id: str, text: str, meta: dict, reason: str = "", key: str = "") -> dict:
     planted = str(meta.get("defect", "")) if isinstance(meta, dict) else ""
     return {
-        "key": f"{source}:{doc_id}",
+        "key": f"{source}:{key or doc_id}",
         "id": doc_id,
         "source": source,
         "text": text,
@@ -100,6 +112,52 @@ def _files(config: SourceConfig, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
+def check_source(config: SourceConfig) -> None:
+    """The checks that need no Ray, run before Ray starts: the path exists, holds files of the kind, and they can
+    be read. Raises SourceError naming the source."""
+    if config.kind == "jsonl":
+        files = _files(config, JSONL_SUFFIXES)
+        if all(f.stat().st_size == 0 for f in files):
+            raise SourceError(f"source {config.name!r}: {config.path} holds no documents (every file is empty)")
+    elif config.kind == "parquet":
+        check_parquet(config)
+    elif config.kind == "text":
+        _files(config, ())
+    elif config.kind == "hf" and not Path(config.path).exists() and not _hub_is_reachable():
+        raise SourceError(
+            f"source {config.name!r}: {config.path!r} is not a local folder, and the Hugging Face hub "
+            "cannot be reached (offline, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)"
+        )
+
+
+def check_parquet(config: SourceConfig) -> list[Path]:
+    """The source's parquet files, the first of which must have the text field."""
+    import pyarrow.parquet as pq
+
+    files = _files(config, (".parquet",))
+    try:
+        schema = pq.read_schema(files[0])
+    except Exception as err:
+        raise SourceError(f"source {config.name!r}: {files[0]} is not readable parquet: {err}") from err
+    if config.text_field not in schema.names:
+        raise SourceError(
+            f"source {config.name!r}: {files[0]} has no text field {config.text_field!r} (columns: "
+            f"{', '.join(schema.names)})"
+        )
+    return files
+
+
+def decompress(data: bytes, name: str) -> bytes:
+    """The bytes of a .gz or .zst file decompressed (by its suffix), unless Ray's reader has already done so (it
+    does by suffix too, for some codecs and versions): then the data no longer starts with the codec's magic."""
+    import pyarrow as pa
+
+    codec = COMPRESSION.get(Path(name).suffix)
+    if codec is None or not data.startswith(MAGIC[codec]):
+        return data
+    return pa.CompressedInputStream(pa.BufferReader(data), codec).read()
+
+
 def parse_jsonl(data: bytes, source: str, file_id: str, text_field: str, id_field: str) -> list[dict]:
     """Rows for every non-blank line of a jsonl file; bad lines are quarantined with the reason."""
     rows = []
@@ -107,28 +165,30 @@ def parse_jsonl(data: bytes, source: str, file_id: str, text_field: str, id_fiel
         if not raw.strip():
             continue
         fallback_id = f"{file_id}:{number}"
+        key = f"{file_id}:{number}"
         excerpt = raw[:RAW_EXCERPT_CHARS].decode("utf-8", errors="replace")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            rows.append(_row(source, fallback_id, excerpt, {}, f"invalid utf-8 at byte {err.start}"))
+            rows.append(_row(source, fallback_id, excerpt, {}, f"invalid utf-8 at byte {err.start}", key))
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            rows.append(_row(source, fallback_id, excerpt, {}, f"malformed json: {err.msg} at column {err.colno}"))
+            rows.append(_row(source, fallback_id, excerpt, {}, f"malformed json: {err.msg} at column {err.colno}", key))
             continue
         if not isinstance(record, dict):
-            rows.append(_row(source, fallback_id, excerpt, {}, f"not a JSON object: {type(record).__name__}"))
+            rows.append(_row(source, fallback_id, excerpt, {}, f"not a JSON object: {type(record).__name__}", key))
             continue
         doc_id = str(record.pop(id_field, fallback_id))
         text = record.pop(text_field, None)
         if text is None:
-            rows.append(_row(source, doc_id, excerpt, record, f"missing text field {text_field!r}"))
+            rows.append(_row(source, doc_id, excerpt, record, f"missing text field {text_field!r}", key))
         elif not isinstance(text, str):
-            rows.append(_row(source, doc_id, excerpt, record, f"text field {text_field!r} is {type(text).__name__}"))
+            reason = f"text field {text_field!r} is {type(text).__name__}"
+            rows.append(_row(source, doc_id, excerpt, record, reason, key))
         else:
-            rows.append(_row(source, doc_id, text, record))
+            rows.append(_row(source, doc_id, text, record, key=key))
     return rows
 
 
@@ -140,20 +200,26 @@ def parse_text_file(data: bytes, source: str, file_id: str) -> dict:
         return _row(source, file_id, excerpt, {"path": file_id}, f"invalid utf-8 at byte {err.start}")
 
 
-def _table_rows(frame: pd.DataFrame, config: SourceConfig) -> pd.DataFrame:
-    """Our schema from a table with the configured text and id columns; null or non-string text is quarantined."""
+ROW = "__looplm_row"  # a table's row number, added by the reader: the key's last part
+
+
+def _table_rows(frame: pd.DataFrame, config: SourceConfig, file_id: str = "") -> pd.DataFrame:
+    """Our schema from a table with the configured text and id columns (and the reader's row numbers); null or
+    non-string text is quarantined."""
     rows = []
-    other = [c for c in frame.columns if c not in (config.text_field, config.id_field)]
+    other = [c for c in frame.columns if c not in (config.text_field, config.id_field, ROW)]
     has_id = config.id_field in frame.columns
+    prefix = f"{file_id}:" if file_id else ""
     for i, record in enumerate(frame.to_dict("records")):
+        key = f"{prefix}{record.get(ROW, i)}"
         text = record[config.text_field]
-        doc_id = str(record[config.id_field]) if has_id and record[config.id_field] is not None else str(i)
+        doc_id = str(record[config.id_field]) if has_id and record[config.id_field] is not None else key
         meta = {c: record[c] for c in other}
         if not isinstance(text, str):
             kind = "null" if text is None or (isinstance(text, float) and text != text) else type(text).__name__
-            rows.append(_row(config.name, doc_id, "", meta, f"text field {config.text_field!r} is {kind}"))
+            rows.append(_row(config.name, doc_id, "", meta, f"text field {config.text_field!r} is {kind}", key))
         else:
-            rows.append(_row(config.name, doc_id, text, meta))
+            rows.append(_row(config.name, doc_id, text, meta, key=key))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -167,6 +233,30 @@ def _arrow(frame: pd.DataFrame):
 
 def _table_rows_arrow(frame: pd.DataFrame, config: SourceConfig):
     return _arrow(_table_rows(frame, config))
+
+
+def _parquet_file_rows(paths: pd.DataFrame, config: SourceConfig, root: str):
+    """Our schema from parquet files, BLOCK_ROWS rows at a time, keyed by file and row."""
+    import pyarrow.parquet as pq
+
+    for path in paths["item"]:
+        file_id = str(Path(path).relative_to(root))
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
+            frame = batch.to_pandas()
+            frame[ROW] = range(row, row + len(frame))
+            row += len(frame)
+            yield _arrow(_table_rows(frame, config, file_id))
+
+
+def _jsonl_rows(item: dict, config: SourceConfig, root: str) -> list[dict]:
+    path = Path(item["path"])
+    file_id = str(path.relative_to(root))
+    try:
+        data = decompress(item["bytes"], path.name)
+    except OSError as err:
+        raise SourceError(f"source {config.name!r}: {path} cannot be decompressed: {err}") from err
+    return parse_jsonl(data, config.name, file_id, config.text_field, config.id_field)
 
 
 def _hub_is_reachable(timeout: float = 5.0) -> bool:
@@ -267,15 +357,12 @@ def read_source(config: SourceConfig, seed: int = 0):
         blocks = [frame.iloc[i : i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS)]
         return ray.data.from_arrow([_arrow(block) for block in blocks or [frame]])
     if config.kind == "jsonl":
-        files = _files(config, (".jsonl", ".json"))
+        files = _files(config, JSONL_SUFFIXES)
         root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
-
-        def parse(item: dict) -> list[dict]:
-            file_id = str(Path(item["path"]).relative_to(root.resolve()))
-            return parse_jsonl(item["bytes"], config.name, file_id, config.text_field, config.id_field)
-
         paths = [str(f.resolve()) for f in files]
-        return ray.data.read_binary_files(paths, include_paths=True).flat_map(parse)
+        return ray.data.read_binary_files(paths, include_paths=True).flat_map(
+            _jsonl_rows, fn_args=(config, str(root.resolve()))
+        )
     if config.kind == "text":
         files = _files(config, ())
         root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
@@ -286,22 +373,18 @@ def read_source(config: SourceConfig, seed: int = 0):
         paths = [str(f.resolve()) for f in files]
         return ray.data.read_binary_files(paths, include_paths=True).map(parse_text)
     if config.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        files = _files(config, (".parquet",))
-        try:
-            schema = pq.read_schema(files[0])
-        except Exception as err:
-            raise SourceError(f"source {config.name!r}: {files[0]} is not readable parquet: {err}") from err
-        if config.text_field not in schema.names:
-            raise SourceError(
-                f"source {config.name!r}: {files[0]} has no text field {config.text_field!r} (columns: "
-                f"{', '.join(schema.names)})"
-            )
-        dataset = ray.data.read_parquet([str(f) for f in files])
-        return dataset.map_batches(_table_rows_arrow, fn_args=(config,), batch_format="pandas")
+        files = check_parquet(config)
+        root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
+        # One task per file, so each row's number in its file (the key) is known.
+        paths = ray.data.from_items([str(f.resolve()) for f in files], override_num_blocks=len(files))
+        return paths.map_batches(
+            _parquet_file_rows, fn_args=(config, str(root.resolve())), batch_size=None, batch_format="pandas"
+        )
     dataset = load_hf(config)
+    import pyarrow as pa
+
     table = dataset.flatten_indices().data.table
+    table = table.append_column(ROW, pa.array(range(table.num_rows), type=pa.int64()))
     # from_arrow, not from_huggingface: the latter re-resolves local datasets by name (notes §3). Several
     # blocks, so the stages after this one run in parallel.
     blocks = [table.slice(i, BLOCK_ROWS) for i in range(0, table.num_rows, BLOCK_ROWS)]

@@ -149,3 +149,29 @@ def fuzzy_duplicates(ids: list[str], band_keys: np.ndarray) -> dict[str, str]:
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a == b))
+
+
+# --- driver-side clustering over the whole corpus's keys (pandas frame: key, removed_by, content_hash, band_keys) ---
+
+
+def exact_duplicates(frame) -> dict[str, tuple[str, str]]:
+    """{key: ('exact_dedup', reason)} for all but the smallest key of each content hash."""
+    candidates = frame[(frame["removed_by"] == "") & (frame["content_hash"] != "")]
+    removals = {}
+    for _, group in candidates.groupby("content_hash"):
+        if len(group) > 1:
+            keys = sorted(group["key"])
+            for key in keys[1:]:
+                removals[key] = ("exact_dedup", f"same text as {keys[0]}")
+    return removals
+
+
+def near_duplicates(frame, exclude: set[str], config: MinHashConfig) -> dict[str, tuple[str, str]]:
+    """{key: ('fuzzy_dedup', reason)} for all but one document of each MinHash LSH cluster."""
+    candidates = frame[(frame["removed_by"] == "") & (frame["band_keys"].map(len) > 0)]
+    candidates = candidates[~candidates["key"].isin(exclude)]
+    if candidates.empty:
+        return {}
+    bands = np.frombuffer(b"".join(candidates["band_keys"]), dtype=np.uint64).reshape(len(candidates), -1)
+    found = fuzzy_duplicates(candidates["key"].tolist(), bands)
+    return {key: ("fuzzy_dedup", f"near-duplicate of {kept} (MinHash LSH cluster)") for key, kept in found.items()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -291,10 +292,24 @@ QUALITY_FILTERS = (
 QUALITY_STEPS = tuple(step for step, _ in QUALITY_FILTERS)
 
 
-def quality_verdict(text: str, config: QualityConfig) -> tuple[str, str, str]:
-    """(step, reason, text): the first filter that removes the document, or ('', '', text) if all keep it."""
+class Verdict(NamedTuple):
+    step: str  # the filter that removes the document, or ''
+    reason: str
+    text: str  # the text after the filters that ran (C4 removes lines in place)
+    modified_by: tuple[str, ...]  # the filters that changed the text
+
+
+def quality_verdict(text: str, config: QualityConfig, skip: frozenset[str] = frozenset()) -> Verdict:
+    """The quality filter chain, in FineWeb's order, minus the `skip`ped filters: the first filter that removes
+    the document, or step '' if all keep it. The pipeline's quality stage runs exactly this."""
+    modified = []
     for step, check in QUALITY_FILTERS:
-        reason, text = check(text, getattr(config, step))
+        if step in skip:
+            continue
+        reason, new_text = check(text, getattr(config, step))
         if reason:
-            return step, reason, text
-    return "", "", text
+            return Verdict(step, reason, text, tuple(modified))
+        if new_text != text:
+            modified.append(step)
+            text = new_text
+    return Verdict("", "", text, tuple(modified))

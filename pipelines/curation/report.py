@@ -42,9 +42,10 @@ JUNK = ("boilerplate", "spam", "foreign_language")
 
 
 def step_table(stats: pd.DataFrame) -> list[dict]:
-    """Documents and tokens entering and leaving each removal step."""
+    """Documents and characters entering and leaving each removal step (characters as read: only kept documents
+    are tokenized, so tokens are known for what is kept)."""
     alive = np.ones(len(stats), dtype=bool)
-    tokens = stats["n_tokens"].to_numpy()
+    chars = stats["n_chars"].to_numpy()
     rows = []
     for step in REMOVAL_STEPS:
         removed = (stats["removed_by"] == step).to_numpy()
@@ -54,8 +55,8 @@ def step_table(stats: pd.DataFrame) -> list[dict]:
                 "docs_in": int(alive.sum()),
                 "docs_removed": int(removed.sum()),
                 "docs_out": int((alive & ~removed).sum()),
-                "tokens_in": int(tokens[alive].sum()),
-                "tokens_out": int(tokens[alive & ~removed].sum()),
+                "chars_in": int(chars[alive].sum()),
+                "chars_out": int(chars[alive & ~removed].sum()),
             }
         )
         alive &= ~removed
@@ -204,19 +205,23 @@ def build_report(stats: pd.DataFrame, examples: dict[str, list[dict]], extra: di
 
 
 def _markdown(report: dict) -> str:
-    lines = [
-        "# Curation report",
+    lines = ["# Curation report", ""]
+    lines += [f"**WARNING:** {message}" for message in report.get("warnings", [])]
+    decontam = report.get("decontam", {})
+    lines += [
         "",
         f"Read {report['documents_read']} documents, kept {report['documents_kept']} "
-        f"({report['tokens_kept']} tokens); quarantined {report['quarantined']} as bad input.",
+        f"({report['tokens_kept']} tokens); quarantined {report['quarantined']} as bad input. Decontaminated "
+        f"against {decontam.get('eval_texts')} evaluation texts (builtin_eval={decontam.get('builtin_eval')}, "
+        f"eval_files={decontam.get('eval_files')}).",
         "",
-        "| step | docs in | removed | docs out | tokens in | tokens out |",
+        "| step | docs in | removed | docs out | chars in | chars out |",
         "|---|---|---|---|---|---|",
     ]
     for row in report["steps"]:
         lines.append(
             f"| {row['step']} | {row['docs_in']} | {row['docs_removed']} | {row['docs_out']} | "
-            f"{row['tokens_in']} | {row['tokens_out']} |"
+            f"{row['chars_in']} | {row['chars_out']} |"
         )
     if report.get("modified"):
         lines += ["", "Documents modified in place: " + ", ".join(f"{k} {v}" for k, v in report["modified"].items())]

@@ -98,6 +98,7 @@ def test_curate_cli_end_to_end(local_ray, tmp_path):
             {"name": "hub", "kind": "hf", "path": str(tmp_path / "hf_dataset")},
         ],
         "input": {"max_doc_chars": 20_000},
+        "builtin_eval": True,
         "tokenizer": {"vocab_size": 800},
         "pack": {"valid_fraction": 0.05},
         "progress": False,
@@ -121,7 +122,7 @@ def test_curate_cli_end_to_end(local_ray, tmp_path):
     assert report["steps"][-1]["docs_out"] == report["documents_kept"]
     for row in report["steps"]:
         assert row["docs_in"] - row["docs_removed"] == row["docs_out"]
-        assert row["tokens_out"] <= row["tokens_in"]
+        assert row["chars_out"] <= row["chars_in"]
 
     # The planted defects are found (small corpus, so looser than the benchmark's targets for fuzzy dedup).
     planted = report["planted"]
@@ -189,7 +190,7 @@ def test_missing_or_unfit_source_fails_naming_it(local_ray, tmp_path):
         curate(config, tmp_path / "out")
     (tmp_path / "empty").mkdir()
     config = CurateConfig(sources=(SourceConfig(name="dir", kind="jsonl", path=str(tmp_path / "empty")),))
-    with pytest.raises(SourceError, match=r"source 'dir': no .jsonl/.json files under"):
+    with pytest.raises(SourceError, match=r"source 'dir': no .jsonl/.jsonl.gz/.*files under"):
         curate(config, tmp_path / "out")
 
 
@@ -211,7 +212,7 @@ def test_same_config_gives_the_same_packed_bytes(local_ray, tmp_path):
         SourceConfig(name="bios", kind="bios", count=120, noise=CurateConfig().sources[0].noise),
         SourceConfig(name="mano", kind="mano", count=5, skip=("langid", "quality", "pii")),
     )
-    config = CurateConfig(sources=sources, progress=False, batch_size=64)
+    config = CurateConfig(sources=sources, progress=False, batch_size=64, builtin_eval=True)
     # "b" first holds an unrelated run's output, which the rerun must replace, not mix with.
     stale = CurateConfig(sources=(SourceConfig(name="old", kind="mano", count=3, skip=("langid", "quality")),))
     curate(dataclasses.replace(stale, progress=False), tmp_path / "b")

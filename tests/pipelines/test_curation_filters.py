@@ -108,9 +108,9 @@ def test_fineweb_rules():
 
 
 def test_quality_verdict_reports_the_first_failing_filter():
-    assert quality_verdict(GOOD, QualityConfig()) == ("", "", GOOD)
+    assert quality_verdict(GOOD, QualityConfig()) == ("", "", GOOD, ())
     # 30 distinct words: no repetition, but under Gopher's 50-word minimum.
-    step, reason, _ = quality_verdict(" ".join(f"token{i}" for i in range(30)) + ".", QualityConfig())
+    step, reason, _, _ = quality_verdict(" ".join(f"token{i}" for i in range(30)) + ".", QualityConfig())
     assert step == "gopher_quality" and reason.startswith("gopher_quality")
 
 

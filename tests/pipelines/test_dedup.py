@@ -3,13 +3,14 @@
 import numpy as np
 import pandas as pd
 
-from looplm.pipelines.curate import exact_duplicates, near_duplicates
 from looplm.pipelines.curation.dedup import (
     MinHashConfig,
     MinHasher,
     content_hash,
     duplicate_clusters,
+    exact_duplicates,
     fuzzy_duplicates,
+    near_duplicates,
     simplify,
 )
 from looplm.pipelines.noise import NoiseConfig, plant_defects

@@ -31,7 +31,9 @@ def test_parse_jsonl_quarantines_bad_lines_and_keeps_good_ones():
     by_id = {r["id"]: r for r in rows}
     assert len(rows) == 7  # the blank line is not a record
     assert by_id["a"]["removed_by"] == "" and by_id["a"]["text"] == "good one"
-    assert json.loads(by_id["a"]["meta"]) == {"url": "http://x"} and by_id["a"]["key"] == "web:a"
+    assert json.loads(by_id["a"]["meta"]) == {"url": "http://x"} and by_id["a"]["key"] == "web:part-0.jsonl:1"
+    # Keys are file:line, unique per document whatever the ids; the source's id stays in `id`.
+    assert len({r["key"] for r in rows}) == 7
     assert by_id["part-0.jsonl:2"]["reason"].startswith("malformed json")
     assert by_id["c"]["reason"] == "missing text field 'text'"
     assert by_id["part-0.jsonl:5"]["reason"].startswith("invalid utf-8 at byte")
