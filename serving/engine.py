@@ -66,7 +66,7 @@ class EngineConfig:
     kv_cache: str = "per_step"  # shared caches lose quality on some models: a deliberate per-deployment choice
     max_batch_size: int = 32  # running requests
     max_batch_tokens: int = 2048  # tokens per iteration: prefill tokens plus one per decoding request
-    max_queue: int = 64  # requests waiting for admission; past it, add_request raises QueueFullError
+    max_queue: int = 64  # requests waiting beyond the batch's free slots; past it, QueueFullError
     block_size: int = 16
     kv_cache_tokens: int = 16384  # KV capacity in positions, shared by all requests (rounded up to blocks)
     max_model_len: int | None = None  # prompt + max_tokens; None: the model's context
@@ -135,6 +135,7 @@ class EngineStats:
     decode_tokens: int  # tokens fed through a decode step (the first generated token comes from prefill)
     decode_layer_calls: int  # (row, layer) invocations in decode steps
     decode_loop_steps: int  # (row, pass) invocations in decode steps
+    aborted_requests: int
     iterations: int
 
     @property
@@ -201,7 +202,15 @@ class Engine:
         self._running: list[_Request] = []
         self._ids = itertools.count()
         self._counters = dict.fromkeys(
-            ("prefill_tokens", "generated_tokens", "decode_tokens", "decode_layer_calls", "decode_loop_steps"), 0
+            (
+                "prefill_tokens",
+                "generated_tokens",
+                "decode_tokens",
+                "decode_layer_calls",
+                "decode_loop_steps",
+                "aborted_requests",
+            ),
+            0,
         )
         self._iterations = 0
 
@@ -258,7 +267,8 @@ class Engine:
     def add_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
         self.validate(prompt, params)
         with self._lock:
-            if len(self._intake) + len(self._waiting) >= self.config.max_queue:
+            free_slots = max(self.config.max_batch_size - len(self._running), 0)
+            if len(self._intake) + len(self._waiting) >= self.config.max_queue + free_slots:
                 raise QueueFullError(f"{self.config.max_queue} requests are already waiting")
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             stop_ids = set(params.stop_token_ids)
@@ -311,6 +321,7 @@ class Engine:
             self._finish(request, "abort", events, None)
         for request in [r for r in self._waiting if r.id in aborts]:
             self._waiting.remove(request)
+            self._counters["aborted_requests"] += 1
             events.append(TokenEvent(request.id, None, "", 0, "abort", len(request.prompt)))
 
         decoding = list(self._running)  # requests admitted below get their first token from prefill
@@ -440,8 +451,8 @@ class Engine:
         text = request.text
         if not final:
             end = len(text)
-            while end > request.released and text[end - 1] == "\ufffd":
-                end -= 1
+            while end > max(request.released, len(text) - 3) and text[end - 1] == "\ufffd":
+                end -= 1  # at most 3: the bytes of a UTF-8 character still incomplete
             hold = max((len(s) - 1 for s in request.params.stop), default=0)
             for size in range(min(hold, end - request.released), 0, -1):
                 if any(s.startswith(text[end - size : end]) for s in request.params.stop):
@@ -467,6 +478,8 @@ class Engine:
 
     def _finish(self, request: _Request, reason: str, events: list[TokenEvent], token: int | None) -> None:
         self._running.remove(request)
+        if reason == "abort":
+            self._counters["aborted_requests"] += 1
         self.kv.release(request.blocks)
         request.blocks, request.table = [], None
         exit_step = request.exit_steps[-1] if token is not None else 0

@@ -70,14 +70,14 @@ class _Request(BaseModel):
     loop_steps: int | None = Field(default=None, ge=1)
     exit_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
-    def sampling(self, default_max_tokens: int, extra_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+    def sampling(self, max_tokens: int, extra_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
         if self.n != 1:
             raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
         return SamplingParams(
-            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,

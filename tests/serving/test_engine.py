@@ -161,7 +161,7 @@ def test_stop_token_ids_end_a_request(model):
 
 def test_kv_blocks_admission_and_abort(model):
     # 8 blocks of 4 positions: one request of 4 + 12 tokens needs 4 blocks, so two fit at once.
-    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=32, max_queue=3, max_batch_size=8))
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=32, max_queue=3, max_batch_size=2))
     with pytest.raises(RequestError, match="KV memory") as err:
         engine.add_request([1] * 10, _greedy(n=30))
     assert err.value.param == "max_tokens"
