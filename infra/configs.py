@@ -1,6 +1,9 @@
 """Experiment YAML onto frozen dataclasses, with dotted command-line overrides.
 
-    cfg = load_config(CurateConfig, "configs/demo.yaml", ["dedup.bands=14", "languages=[en]"])
+    cfg = load_config(CurateConfig, "configs/curate-demo.yaml", ["minhash.bands=14", "sources.0.count=500"])
+
+Overrides index into lists by position or by an item's name (`sources.0.count=500`, `sources.bios.count=500`);
+this is the one override parser of looplm (experiments and every per-step command use it).
 
 The YAML's keys must be fields of the dataclass (nested dataclasses are nested mappings); an unknown key, a
 value of the wrong type or a malformed override is an error that names the file and the dotted field.
@@ -93,20 +96,72 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigFileError(f"{where}: {err}") from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """'a.b=3' sets data['a']['b'] = 3; the value is parsed as YAML (so 3, 0.5, true, [x, y] work)."""
-    result = dict(data)
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    key, sep, raw = override.partition("=")
+    parts = key.split(".")
+    if not sep or not key or not all(parts):
+        raise ConfigFileError(f"override {override!r} is not of the form dotted.key=value")
+    return parts, yaml.safe_load(raw)
+
+
+def _list_index(items: list, part: str, override: str, where: str) -> int:
+    """A list item by position (`sources.0`) or by its `name` field (`sources.bios`)."""
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise ConfigFileError(f"override {override!r}: {where} has {len(items)} items, no item {index}")
+        return index % len(items)
+    named = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("name") == part]
+    if not named:
+        names = [str(item.get("name")) for item in items if isinstance(item, dict) and "name" in item]
+        raise ConfigFileError(
+            f"override {override!r}: {where} has no item named {part!r}"
+            + (f" (names: {', '.join(names)})" if names else " (its items have no names: use a position)")
+        )
+    return named[0]
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Dotted overrides onto plain data: 'a.b=3' sets data['a']['b'] = 3; a part that meets a list picks an item
+    by position or by name ('sources.0.count=500', 'sources.bios.count=500'). Values are parsed as YAML (3, 0.5,
+    true, [x, y]). A list the data does not hold yet is taken from `defaults` (the config's default values) so
+    that one of its items can be changed. The input is not modified."""
+    import copy
+
+    result = copy.deepcopy(data)
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigFileError(f"override {override!r} is not of the form dotted.key=value")
-        node = result
-        parts = key.split(".")
-        for part in parts[:-1]:
+        parts, value = _parse_override(override)
+        node: Any = result
+        default: Any = defaults
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth]) or "the top level"
+            if isinstance(node, list):
+                index = _list_index(node, part, override, where)
+                if last:
+                    node[index] = value
+                    break
+                default = None
+                child = node[index]
+                if not isinstance(child, dict | list):
+                    child = node[index] = {}
+                node = child
+                continue
+            if not isinstance(node, dict):
+                raise ConfigFileError(f"override {override!r}: {where} is not a mapping or a list")
+            default = default.get(part) if isinstance(default, dict) else None
+            if last:
+                node[part] = value
+                break
             child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw)
+            if child is None and isinstance(default, list):
+                child = copy.deepcopy(default)
+            elif not isinstance(child, dict | list):
+                child = {}
+            node[part] = child
+            node = child
     return result
 
 
@@ -125,7 +180,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigFileError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigFileError(f"{path}: the top level must be a mapping")
-    return _build(cls, apply_overrides(data, overrides or []), where)
+    try:
+        defaults = to_dict(cls())
+    except (TypeError, ValueError):  # a config without complete defaults: lists must then come from the file
+        defaults = None
+    return _build(cls, apply_overrides(data, overrides or [], defaults), where)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -386,3 +386,12 @@ def _running(run: RunLogger, config: Any) -> Iterator[RunLogger]:
         run.close("FAILED")
         raise
     run.close("FINISHED")
+
+
+def attached_run(tracking_uri: str, run_id: str, name: str, *, experiment: str = DEFAULT_EXPERIMENT) -> RunLogger:
+    """A RunLogger for a run that already exists (created by another process, e.g. the pipeline's driver), to
+    nest step runs under it from a Ray task. Closing it is the creator's job: use it as a parent only."""
+    run = RunLogger(tracking_uri, name, experiment=experiment)
+    run.run_id = run_id
+    run._tags = {}  # the creator named and tagged the run
+    return run

@@ -13,9 +13,6 @@ into a temporary sibling folder and renames it into place, so a crash never leav
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import staged_folder
 from .config import LoopLMConfig
 from .hub import resolve_model_dir
 from .looplm import LoopLM
@@ -70,11 +68,7 @@ def save_pretrained(
 ) -> Path:
     """Write config.json, safetensors (sharded above max_shard_bytes) and tokenizer.json when given."""
     target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target, overwrite=overwrite) as staging:
         state = _state_to_save(model)
         dtypes = {t.dtype for t in state.values()}
         if len(dtypes) != 1:
@@ -96,17 +90,6 @@ def save_pretrained(
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(str(staging / "tokenizer.json"))
-        # Swap in the finished folder; an old checkpoint is moved aside first and removed only afterwards.
-        retired = None
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, retired)
-        os.replace(staging, target)
-        if retired is not None:
-            shutil.rmtree(retired)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -35,10 +35,8 @@ a crash never leaves a half-written output.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .atomic import check_free_folder, staged_folder
 from .checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
@@ -229,11 +228,7 @@ def _write_safetensors(
                 progress(_nbytes(meta))
 
 
-def _prepare_target(target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty: upcycling writes a new checkpoint folder")
+UPCYCLE_TARGET = "upcycling writes a new checkpoint folder"
 
 
 def upcycle_layers(
@@ -252,7 +247,7 @@ def upcycle_layers(
     """
     _check_arguments(factor, order)
     target = Path(dst)
-    _prepare_target(target)
+    check_free_folder(target, UPCYCLE_TARGET)
     directory = resolve_model_dir(src)
     if not directory.is_dir():
         raise CheckpointError(f"source checkpoint folder {directory} not found")
@@ -272,9 +267,7 @@ def upcycle_layers(
             if progress is not None:
                 progress(done, total)
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with staged_folder(target, what=UPCYCLE_TARGET) as staging:
             (staging / CONFIG_NAME).write_text(json.dumps(new_config, indent=2) + "\n")
             # Shard boundaries as save_pretrained draws them, planned on meta tensors (sizes only).
             shards = _shards({name: meta for name, (_, _, meta) in plan.items()}, max_shard_bytes)
@@ -291,13 +284,6 @@ def upcycle_layers(
             for companion in COMPANION_FILES:
                 if (directory / companion).is_file():
                     shutil.copyfile(directory / companion, staging / companion)
-            _prepare_target(target)  # still free? (another writer may have filled it meanwhile)
-            if target.is_dir():
-                target.rmdir()
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return target
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from looplm.infra.configs import ConfigFileError, load_config, to_dict
+from looplm.infra.configs import load_config, to_dict
 from looplm.pipelines.curation import report as reporting
 from looplm.pipelines.curation.checks import LowYieldError, YieldConfig, id_collisions, warn, yield_problems
 from looplm.pipelines.curation.decontam import DecontamConfig, EvalIndex
@@ -406,39 +406,8 @@ def run(config: CurateConfig, output: str | Path) -> dict:
 
 
 def load_curate_config(path: str | Path, overrides: list[str]) -> CurateConfig:
-    """`load_config`, plus overrides of one source by name or position: sources.bios.count=100000,
-    sources.0.noise.spam=0.05 (infra/configs.py's dotted overrides do not index into lists)."""
-    import tempfile
-
-    source_overrides = [o for o in overrides if o.startswith("sources.")]
-    if not source_overrides:
-        return load_config(CurateConfig, path, overrides)
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    sources = data.get("sources") or [to_dict(s) for s in CurateConfig().sources]
-    for override in source_overrides:
-        key, sep, raw = override.partition("=")
-        parts = key.split(".")
-        if not sep or len(parts) < 3:
-            raise ValueError(f"override {override!r} is not of the form sources.<name or index>.field=value")
-        selector = parts[1]
-        matches = [s for i, s in enumerate(sources) if s.get("name") == selector or str(i) == selector]
-        if not matches:
-            raise ValueError(f"override {override!r}: no source named {selector!r} (or at that position)")
-        node = matches[0]
-        for part in parts[2:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw)
-    data["sources"] = sources
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=Path(path).stem + "-", delete=False) as file:
-        yaml.safe_dump(data, file, sort_keys=False)
-    try:
-        return load_config(CurateConfig, file.name, [o for o in overrides if not o.startswith("sources.")])
-    except ConfigFileError as err:  # name the user's file, not the temporary copy
-        raise ConfigFileError(str(err).replace(file.name, f"{path} (with overrides)")) from None
-    finally:
-        Path(file.name).unlink()
+    """`load_config` (its overrides pick a source by position or name: sources.bios.count=100000)."""
+    return load_config(CurateConfig, path, overrides)
 
 
 def run_from_args(args) -> int:

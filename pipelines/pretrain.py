@@ -128,6 +128,10 @@ def launch(
     from looplm.infra.ray_cluster import ray_session
     from looplm.model.megatron import checkpointing
 
+    from .training.data import copy_tokenizer, with_manifest
+    from .training.trainer import HF_EXPORT
+
+    config = with_manifest(config)  # a curated manifest's EOD and token ids, and its vocabulary checked
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
@@ -156,6 +160,7 @@ def launch(
         )
         with following(output / METRICS_FILE, on_record):
             trainer.fit()
+    copy_tokenizer(config, output / HF_EXPORT)  # the export evaluates, registers and serves as it is
     restarts = 1 if (output / ".injected_failure").exists() else 0
     return PretrainResult(output, read_metrics(output), checkpointing.latest(output / "checkpoints"), restarts)
 

@@ -18,6 +18,7 @@ from looplm.model.megatron.config import ParallelConfig
 LR_SCHEDULES = ("warmup_constant", "wsd", "cosine")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "megatron", "torch")
 OBJECTIVES = ("stage1", "stage2")
+DATA_GENERATORS = ("synthetic",)  # data.generator: the counting + motif corpus of training/data.py
 
 
 def _check_piecewise(name: str, table: tuple) -> None:
@@ -39,10 +40,15 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Megatron indexed datasets: path prefixes of .bin/.idx pairs and their mixture weights. Empty: the trainer
-    # writes a small synthetic indexed dataset into the run folder (until the curation step provides one).
+    # Exactly one source of training data; none is an error (nothing is trained on generated data by default):
+    # - manifest: a curated folder (`looplm curate`'s output: mixture.json, tokenizer.json, megatron/*.bin/.idx);
+    #   its datasets, mixture weights, train/valid splits, end-of-document id and tokenizer are used as they are;
+    # - paths: Megatron indexed datasets (.bin/.idx path prefixes) and their mixture weights, split by `split`;
+    # - generator: "synthetic", a small learnable corpus written into the run folder (CPU runs and tests).
+    manifest: str | None = None
     paths: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
+    generator: str | None = None
     split: str = "98,2,0"  # train, valid, test shares of each dataset's documents
     seq_len: int = 128
     micro_batch_size: int = 4  # sequences per DP rank per forward/backward
@@ -51,10 +57,23 @@ class DataConfig:
     # starts at `start` sequences and grows by `increment` in equal shares of the first `ramp_samples` samples
     # until it reaches global_batch_size (Ouro ramped 4M -> 8M tokens in Stage 1a). null: no ramp.
     rampup_batch_size: tuple[int, int, int] | None = None
-    eod_token: int = 0
+    eod_token: int = 0  # with a manifest: the manifest's end-of-document id
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        named = [
+            name
+            for name, value in (("manifest", self.manifest), ("paths", self.paths), ("generator", self.generator))
+            if value
+        ]
+        if len(named) != 1:
+            raise ConfigError(
+                "data: name exactly one source of training data: data.manifest (a curated folder), data.paths "
+                f"(indexed dataset prefixes) or data.generator ({' | '.join(DATA_GENERATORS)}); "
+                + (f"got {' and '.join(named)}" if named else "got none")
+            )
+        if self.generator is not None and self.generator not in DATA_GENERATORS:
+            raise ConfigError(f"data.generator must be one of {DATA_GENERATORS}, got {self.generator!r}")
         if self.weights and len(self.weights) != len(self.paths):
             raise ConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths")
         if self.seq_len < 2 or self.micro_batch_size < 1 or self.global_batch_size < 1:

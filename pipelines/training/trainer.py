@@ -33,7 +33,7 @@ from looplm.model.megatron.model import MegatronLoopLM
 
 from . import optimizer as optim_lib
 from .config import PretrainConfig
-from .data import build_datasets, micro_batch, write_synthetic_corpus
+from .data import micro_batch, prepare_data
 from .schedules import beta_at, global_batch_sizes, lr_at, recurrent_steps_at
 
 HF_EXPORT = "hf"
@@ -60,16 +60,6 @@ def _dp_mean(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach().clone().float()
     dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
     return tensor / parallel_state.get_data_parallel_world_size()
-
-
-def prepare_data(config: PretrainConfig, output: Path, vocab_size: int, train_samples: int) -> tuple[Any, Any]:
-    paths = list(config.data.paths)
-    if not paths:
-        if dist.get_rank() == 0:
-            write_synthetic_corpus(output / "data", vocab_size, config.data.eod_token)
-        dist.barrier()
-        paths = [str(output / "data" / kind) for kind in ("counting", "motif")]
-    return build_datasets(config.data, paths, vocab_size, train_samples, output / "data" / "cache")
 
 
 def train_on_rank(

@@ -199,9 +199,9 @@ def test_source_overrides_by_name_and_position(tmp_path):
     config = load_curate_config(path, ["sources.bios.count=7", "sources.2.max_operators=16", "seed=3"])
     assert [s.count for s in config.sources] == [7, 200, 200]
     assert config.sources[2].max_operators == 16 and config.seed == 3
-    with pytest.raises(ValueError, match="no source named 'nope'"):
+    with pytest.raises(ValueError, match="sources has no item named 'nope'"):
         load_curate_config(path, ["sources.nope.count=1"])
-    with pytest.raises(ValueError, match=r"curate-demo.yaml \(with overrides\).sources\[0\]: unknown field\(s\) cuont"):
+    with pytest.raises(ValueError, match=r"curate-demo.yaml.sources\[0\]: unknown field\(s\) cuont"):
         load_curate_config(path, ["sources.bios.cuont=1"])
 
 
