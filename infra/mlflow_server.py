@@ -218,28 +218,43 @@ def port_is_taken(host: str, port: int) -> bool:
     return False
 
 
+def _user_error(message: str, args: argparse.Namespace) -> int:
+    """A user error of `looplm mlflow`: one line on stderr, exit code 2 (a traceback with --debug)."""
+    if getattr(args, "debug", False):
+        raise MlflowServerError(message)
+    print(f"looplm mlflow: {message}", file=sys.stderr)
+    return 2
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """`looplm mlflow [--output ROOT] [--port N]`: run a tracking server in the foreground until Ctrl-C or SIGTERM."""
     port = DEFAULT_PORT if getattr(args, "port", None) is None else args.port
-    config = MlflowServerConfig(root=args.output or DEFAULT_ROOT, port=port)
+    try:
+        config = MlflowServerConfig(root=args.output or DEFAULT_ROOT, port=port)
+    except ValueError as err:
+        return _user_error(str(err), args)
     if port and port_is_taken(config.host, port):
         url = f"http://{config.host}:{port}"
         if is_healthy(url):
-            print(
-                f"looplm mlflow: an MLflow server already answers at {url}: use it (export MLFLOW_TRACKING_URI={url})"
-                ", or start another one with --port N",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"looplm mlflow: port {port} on {config.host} is taken by another program; choose a free one with "
-                "--port N (--port 0: any free port)",
-                file=sys.stderr,
-            )
-        return 2
+            message = f"an MLflow server already answers at {url}: use it (export MLFLOW_TRACKING_URI={url})"
+            return _user_error(message + ", or start another one with --port N", args)
+        message = f"port {port} on {config.host} is taken by another program; choose a free one with --port N"
+        return _user_error(message + " (--port 0: any free port)", args)
     server = MlflowServer(config)
+    try:
+        server.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(server.root, os.W_OK):
+            raise PermissionError(f"{server.root} is not writable")
+    except OSError as err:
+        return _user_error(f"--output {args.output or DEFAULT_ROOT}: cannot hold the server's store ({err})", args)
     print(f"starting mlflow server on {server.url} (store {server.backend_store_uri})", flush=True)
-    server.start()
+    try:
+        server.start()
+    except MlflowServerError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"looplm mlflow: {str(err).splitlines()[0]}\n  its log: {server.log_path}", file=sys.stderr)
+        return 1
     print(f"MLflow UI at {server.url}\n  export MLFLOW_TRACKING_URI={server.url}\n(Ctrl-C stops it)", flush=True)
     replay_spilled_runs(server.url)
     stopping = False

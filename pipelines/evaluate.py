@@ -28,6 +28,7 @@ import io
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,26 +104,33 @@ class EvalConfig:
 # ---------------------------------------------------------------- data
 
 
-def eval_rows(data: EvalData, tokenizer: Any, end_of_document: int) -> torch.Tensor:
-    """The held-out text, tokenized and packed into rows of seq_len + 1 tokens."""
+def eval_texts(data: EvalData) -> list[str]:
+    """The held-out documents; a malformed file is an error that names the file and line."""
     if data.path is None:
         from looplm.pipelines import synthetic
 
-        texts = synthetic.biographies(data.people, seed=data.seed, exposures=data.exposures)
-    else:
-        path = Path(data.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluation data {path} not found")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            texts = []
-            for number, line in enumerate(lines, start=1):
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a string 'text'")
-                texts.append(record["text"])
-        else:
-            texts = lines
+        return synthetic.biographies(data.people, seed=data.seed, exposures=data.exposures)
+    path = Path(data.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data {path} {'is not a file' if path.exists() else 'not found'}")
+    numbered = [(n, line) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    if path.suffix != ".jsonl":
+        return [line for _, line in numbered]
+    texts = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a string 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def eval_rows(data: EvalData, tokenizer: Any, end_of_document: int) -> torch.Tensor:
+    """The held-out text, tokenized and packed into rows of seq_len + 1 tokens."""
+    texts = eval_texts(data)
     documents = (encoding.ids for encoding in tokenizer.encode_batch(texts))
     rows = pack_documents(documents, end_of_document, data.seq_len)
     return rows[: data.max_sequences]
@@ -465,24 +473,57 @@ def run(config: EvalConfig, tracker: RunLogger | None = None, output: str | Path
 
 
 def check_inputs(config: EvalConfig) -> None:
-    """Raise, naming the input, if a model, its tokenizer or the data file `run` needs is missing."""
+    """Raise, naming the input, if a model, its tokenizer or the data file `run` needs is missing or malformed."""
     for location in filter(None, (config.model, config.stage1_model)):
         read_config_json(resolve_model_dir(location))
-    load_tokenizer(resolve_model_dir(config.model))
-    if config.data.path is not None and not Path(config.data.path).is_file():
-        raise FileNotFoundError(f"evaluation data {config.data.path} not found")
+    folder = resolve_model_dir(config.model)
+    try:
+        load_tokenizer(folder)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 (the tokenizers library raises a bare Exception naming no file)
+        raise ValueError(f"{folder / 'tokenizer.json'} cannot be read as a tokenizer: {err}") from None
+    if config.data.path is not None:
+        eval_texts(config.data)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """`looplm eval CONFIG [k=v ...] [--output DIR]`: log to MLFLOW_TRACKING_URI, or to a server started on the
-    default store (runs/mlflow, the one `looplm mlflow` serves) for the duration of the evaluation."""
-    from looplm.infra.mlflow_server import ensure_tracking_server
+    default store (runs/mlflow, the one `looplm mlflow` serves) for the duration of the evaluation.
+
+    A user error (the config, a model, the data, the tracking URI) is one line on stderr and exit code 2, before
+    any run exists; `--debug` (when the CLI passes it) shows its traceback. Anything else is a bug: traceback."""
+    from looplm.infra.configs import ConfigFileError
+    from looplm.infra.mlflow_server import MlflowServerError, ensure_tracking_server
+    from looplm.model.checkpoint import CheckpointError
+    from looplm.model.hub import ModelNotFoundError
+
+    try:
+        config = load_config(EvalConfig, args.config, args.overrides)
+        tracking_uri, server = ensure_tracking_server()
+    except (ConfigFileError, MlflowServerError) as err:
+        return _user_error(err, args)
+    try:
+        # Before any run exists: an attempt that fails here leaves no FAILED run behind.
+        check_inputs(config)
+    except (CheckpointError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
+        if server is not None:
+            server.stop()
+        return _user_error(err, args)
+    return _tracked_run(config, args, tracking_uri, server)
+
+
+def _user_error(err: Exception, args: argparse.Namespace) -> int:
+    if getattr(args, "debug", False):
+        raise err
+    print(f"looplm eval: {err}", file=sys.stderr)
+    return 2
+
+
+def _tracked_run(config: EvalConfig, args: argparse.Namespace, tracking_uri: str, server: Any) -> int:
     from looplm.infra.tracking import pipeline_run, step_run
 
-    config = load_config(EvalConfig, args.config, args.overrides)
-    tracking_uri, server = ensure_tracking_server()
     try:
-        check_inputs(config)  # before any run exists: an attempt that fails here leaves no FAILED run behind
         print(f"tracking to {tracking_uri}")
         with pipeline_run(config.run_name, config=config, experiment=config.experiment, tracking_uri=tracking_uri) as p:
             with step_run(p, "evaluate", config=config) as step:
@@ -500,6 +541,8 @@ __all__ = [
     "EvalData",
     "ExitGrid",
     "LmEvalSettings",
+    "check_inputs",
+    "eval_texts",
     "evaluate_model",
     "log_report",
     "run",

@@ -83,10 +83,21 @@ def image_labels() -> dict[str, str]:
     return labels
 
 
+def manifests(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((INFRA / "kuberay" / name).read_text()) if d is not None]
+
+
 def manifest(name: str) -> dict:
-    documents = list(yaml.safe_load_all((INFRA / "kuberay" / name).read_text()))
+    documents = manifests(name)
     assert len(documents) == 1, f"{name}: one YAML document expected"
     return documents[0]
+
+
+def by_kind(name: str) -> dict[str, dict]:
+    documents = manifests(name)
+    kinds = {d["kind"]: d for d in documents}
+    assert len(kinds) == len(documents), f"{name}: one document per kind expected"
+    return kinds
 
 
 def ray_pin() -> str:
@@ -196,12 +207,58 @@ def test_rayservice_serves_the_looplm_serve_app():
 
 
 def test_networkpolicy_selects_the_pods_kuberay_labels():
-    policy = manifest("networkpolicy.yaml")
+    ray_pods, tracking = manifests("networkpolicy.yaml")
+    policy = ray_pods
     assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     dashboard = [r for r in policy["spec"]["ingress"] if {"port": 8265, "protocol": "TCP"} in r.get("ports", [])]
     assert dashboard and all("ports" in r or r["from"][0]["podSelector"] for r in policy["spec"]["ingress"])
+    pod_labels = by_kind("mlflow.yaml")["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    selected = tracking["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= pod_labels.items(), "the tracking policy selects the MLflow pod"
+
+
+def test_mlflow_server_is_where_the_ray_pods_log_to():
+    from mlflow.cli import server as mlflow_server_command
+
+    documents = by_kind("mlflow.yaml")
+    deployment, service = documents["Deployment"], documents["Service"]
+    assert (deployment["apiVersion"], service["apiVersion"]) == ("apps/v1", "v1")
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] in image_labels()
+    assert container["command"][:2] == ["mlflow", "server"]
+    # The arguments are options `mlflow server` knows (click raises NoSuchOption for one it does not).
+    options = mlflow_server_command.make_context("server", container["command"][2:]).params
+    (port,) = service["spec"]["ports"]
+    assert options["port"] == port["targetPort"] == container["ports"][0]["containerPort"]
+    assert options["host"] == "0.0.0.0"  # in a pod: the Service reaches the pod's interface
+    url = f"http://{service['metadata']['name']}:{port['port']}"
+    allowed = options["allowed_hosts"].split(",")
+    assert service["metadata"]["name"] in allowed and f"{service['metadata']['name']}:{port['port']}" in allowed
+    assert {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"} in container["env"]
+    job_env = yaml.safe_load(manifest("rayjob.yaml")["spec"]["runtimeEnvYAML"])["env_vars"]
+    serve_apps = yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])["applications"]
+    assert job_env["MLFLOW_TRACKING_URI"] == url
+    assert all(app["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == url for app in serve_apps)
+
+
+def test_every_volume_claim_is_defined_and_the_shared_one_is_read_write_many():
+    claims = {d["metadata"]["name"]: d for d in manifests("volumes.yaml")}
+    assert all(d["kind"] == "PersistentVolumeClaim" for d in claims.values())
+    pods = pod_specs(manifest("rayjob.yaml")["spec"]["rayClusterSpec"])
+    pods.append(("mlflow", by_kind("mlflow.yaml")["Deployment"]["spec"]["template"]["spec"]))
+    used = {
+        v["persistentVolumeClaim"]["claimName"]
+        for _, spec in pods
+        for v in spec.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    assert used and used <= set(claims), f"claims used but not defined: {used - set(claims)}"
+    assert claims["looplm-runs"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every Ray pod mounts it
 
 
 # ---------------------------------------------------------------- ray up

@@ -91,24 +91,38 @@ def test_server_down_from_the_start_spills_to_a_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_an_outage_mid_run_loses_nothing(tmp_path):
-    """Log, stop the server, keep logging, start it again on the same store: every metric arrives."""
+def test_an_outage_mid_run_loses_nothing(tmp_path, monkeypatch):
+    """Log, stop the server, keep logging, start it again on the same store: every metric arrives. A second run
+    that ends during the outage is spilled and replayed into the run the server already had."""
+    from looplm.infra.spill import replay_spills
+
+    monkeypatch.setenv("LOOPLM_TRACKING_SPILL_DIR", str(tmp_path / "spill"))
     port = free_port()
     config = MlflowServerConfig(root=str(tmp_path / "store"), port=port)
     server = MlflowServer(config).start()
     try:
         run = RunLogger(server.url, "train", experiment="outage", flush_interval_s=0.0)
-        run.log_metrics({"loss": 1.0}, step=0)
-        assert not run.is_down
+        ended = RunLogger(server.url, "ended", experiment="outage", flush_interval_s=0.0)
+        for logger in (run, ended):
+            logger.log_metrics({"loss": 1.0}, step=0)
+            assert not logger.is_down
         server.stop()
         for step in (1, 2, 3):
-            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            for logger in (run, ended):
+                logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         assert run.is_down
+        assert ended.close() is not None  # spilled, with the run id the server gave it
         server = MlflowServer(config).start()
         assert run.close() is None
-        history = MlflowClient(server.url).get_metric_history(run.run_id, "loss")
+        client = MlflowClient(server.url)
+        history = client.get_metric_history(run.run_id, "loss")
         assert sorted(m.step for m in history) == [0, 1, 2, 3]
-        assert MlflowClient(server.url).get_run(run.run_id).info.status == "FINISHED"
+        assert client.get_run(run.run_id).info.status == "FINISHED"
+        assert client.get_run(ended.run_id).info.status == "RUNNING"  # until its spill is replayed
+        (replayed,) = replay_spills(server.url)
+        assert replayed.run_id == ended.run_id and replayed.metrics == 3
+        assert sorted(m.step for m in client.get_metric_history(ended.run_id, "loss")) == [0, 1, 2, 3]
+        assert client.get_run(ended.run_id).info.status == "FINISHED"
     finally:
         server.stop()
 
