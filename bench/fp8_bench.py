@@ -82,9 +82,8 @@ def bigram_batches(vocab: int, steps: int, batch: int, seq: int, seed: int = 0) 
     return batches
 
 
-def train_losses(fp8_fields: dict | None, batches: list[torch.Tensor], lr: float, num_steps: int, probe: bool = False):
-    """Per-step Stage I losses of the tiny Megatron LoopLM; with `probe`, the per-loop amax spread of every
-    FP8-eligible linear's input and output gradient over the first step."""
+def train_losses(fp8_fields: dict | None, batches: list[torch.Tensor], lr: float, num_steps: int):
+    """Per-step Stage I losses of the tiny Megatron LoopLM, and what the probe hooks saw (see `_probe`)."""
     from looplm.model import LoopLMConfig
     from looplm.model.megatron.config import ParallelConfig
     from looplm.model.megatron.distributed import initialize_model_parallel
@@ -95,38 +94,62 @@ def train_losses(fp8_fields: dict | None, batches: list[torch.Tensor], lr: float
     initialize_model_parallel(parallel, seed=0)
     model = MegatronLoopLM(config, parallel, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    amax: dict[str, list[list[float]]] = {}
-    hooks = []
-    if probe:
-        for name, module in model.decoder.named_modules():
-            if name.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")):
-                amax[name] = [[], []]
-                hooks.append(
-                    module.register_forward_pre_hook(lambda m, a, n=name: amax[n][0].append(a[0].abs().max().item()))
-                )
-                hooks.append(
-                    module.register_full_backward_hook(
-                        lambda m, gi, go, n=name: amax[n][1].append(go[0].abs().max().item())
-                    )
-                )
+    stats = _probe(model)
     losses = []
     for step, tokens in enumerate(batches):
+        stats["step"] = step
         out = model(tokens[:, :-1], tokens[:, 1:], num_steps=num_steps)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(out.loss.item())
-        if step == 0:
-            for hook in hooks:
-                hook.remove()
-    spread = None
-    if probe:
-        spread = {
-            kind: [max(calls[i]) / min(calls[i]) for calls in amax.values() if min(calls[i]) > 0]
-            for i, kind in enumerate(("input", "grad"))
-        }
-    return losses, spread
+    return losses, stats
+
+
+def _probe(model: torch.nn.Module) -> dict:
+    """Hooks on the stack's linears: each call's input / output-gradient amax in the first step (the per-loop
+    spread), and for FP8 linears the share of elements the scale in use saturates (|x * scale| > fp8_max) or
+    flushes to zero, over the whole run. Read-only: the scale in use is the delayed state before the call, or
+    the current tensor's own scale."""
+    from looplm.model.megatron.fp8 import E4M3, GRAD, INPUT, fp8_max, quantize, scale_from_amax
+
+    stats = {"step": 0, "amax": {}, "input": [0, 0, 0], "grad": [0, 0, 0]}  # [saturated, flushed, nonzero]
+
+    def count(module, x, slot, dtype, key):
+        scaling = getattr(module, "fp8_scaling", None)
+        if scaling is None:
+            return
+        x = x.detach().float()
+        if scaling.recipe.recipe == "delayed":
+            scale = scaling.scale[slot]
+        else:
+            scale = scale_from_amax(x.abs().max(), dtype, scaling.recipe.margin, torch.ones(()))
+        nonzero = x != 0
+        stats[key][0] += int(((x.abs() * scale) > fp8_max(dtype) * (1 + 2**-20)).sum())  # past fp32 rounding
+        stats[key][1] += int((nonzero & (quantize(x, scale, dtype) == 0)).sum())
+        stats[key][2] += int(nonzero.sum())
+
+    for name, module in model.decoder.named_modules():
+        if not name.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")):
+            continue
+        stats["amax"][name] = ([], [])
+
+        def forward_pre(module, args, name=name):
+            if stats["step"] == 0:
+                stats["amax"][name][0].append(args[0].abs().max().item())
+            count(module, args[0], INPUT, E4M3, "input")
+
+        def backward_pre(module, grad_output, name=name):
+            if stats["step"] == 0:
+                stats["amax"][name][1].append(grad_output[0].abs().max().item())
+            scaling = getattr(module, "fp8_scaling", None)
+            if scaling is not None:
+                count(module, grad_output[0], GRAD, scaling.recipe.grad_dtype, "grad")
+
+        module.register_forward_pre_hook(forward_pre)
+        module.register_full_backward_pre_hook(backward_pre)
+    return stats
 
 
 def loss_gaps(steps: int, num_steps: int, batch: int, seq: int, lr: float) -> None:
@@ -136,30 +159,37 @@ def loss_gaps(steps: int, num_steps: int, batch: int, seq: int, lr: float) -> No
         torch.distributed.init_process_group("gloo")
     batches = bigram_batches(64, steps, batch, seq + 1)
     tail = max(1, steps // 4)
-    results, spread, seconds = {}, None, {}
+    results, stats, seconds = {}, {}, {}
     for name, fields in RECIPES.items():
         start = time.perf_counter()
-        results[name], probed = train_losses(fields, batches, lr, num_steps, probe=fields is None)
+        results[name], stats[name] = train_losses(fields, batches, lr, num_steps)
         seconds[name] = time.perf_counter() - start
-        spread = probed or spread
     ref = results["fp32"]
     print(f"\n## FP8 recipes on the looped model: loss gap to fp32 (tiny preset, T={num_steps}, {steps} AdamW steps,")
     print(f"## batch {batch} x {seq} tokens, lr {lr}; gap = mean over the last {tail} steps of loss - fp32 loss)\n")
-    print("| recipe | step-1 loss | final loss (last-quarter mean) | gap to fp32 | gap / fp32 | max per-step gap | s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| recipe | step-1 loss | final loss (last-quarter mean) | gap to fp32 | gap / fp32 | max per-step gap | "
+        "inputs saturated / flushed | grads saturated / flushed |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     ref_tail = statistics.mean(ref[-tail:])
     for name, losses in results.items():
         final = statistics.mean(losses[-tail:])
         gap = final - ref_tail
         worst = max(abs(a - b) for a, b in zip(losses, ref, strict=True))
+        shares = []
+        for kind in ("input", "grad"):
+            saturated, flushed, nonzero = stats[name][kind]
+            shares.append(f"{saturated / nonzero:.3%} / {flushed / nonzero:.3%}" if nonzero else "-")
         print(
             f"| {name} | {losses[0]:.4f} | {final:.4f} | {gap:+.4f} | {gap / ref_tail:+.2%} | {worst:.4f} | "
-            f"{seconds[name]:.1f} |"
+            f"{shares[0]} | {shares[1]} |"
         )
     print("\nPer-loop amax spread in the fp32 run (first step): max/min of a linear's amax over its T calls")
-    for kind, values in spread.items():
-        values = sorted(values)
+    for i, kind in enumerate(("input", "grad")):
+        values = sorted(max(c[i]) / min(c[i]) for c in stats["fp32"]["amax"].values() if min(c[i]) > 0)
         print(f"  {kind:5s}: median {statistics.median(values):.2f}x, max {values[-1]:.2f}x over {len(values)} linears")
+    print("\nSeconds per run: " + ", ".join(f"{name} {s:.0f}" for name, s in seconds.items()))
 
 
 def main() -> None:

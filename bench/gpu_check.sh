@@ -7,7 +7,9 @@
 #
 # `run` installs megatron-core and looplm (no dependencies: the image has torch, numpy, pyyaml, safetensors and
 # pytest) into /tmp/site, prints the GPU, then runs the `gpu`-marked tests: one GPU over NCCL, bf16 params with
-# megatron-core's DistributedOptimizer unpatched, against fp32, and kill-and-resume. Logs go to $OUT when set.
+# megatron-core's DistributedOptimizer unpatched, against fp32, and kill-and-resume; the FP8 tests (TE spec where
+# Transformer Engine is installed, the local FP8 linear on CUDA); then bench/gpu_train.py, the bf16 / FP8
+# throughput and MFU table (BENCHMARKS.md). Logs go to $OUT when set.
 set -euo pipefail
 MEGATRON=megatron-core==0.16.1
 
@@ -25,7 +27,11 @@ run)
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
     python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)" | tee -a "$log"
-    python3 -m pytest -m gpu -p no:cacheprovider -rA tests/model/megatron/test_mcore_gpu.py 2>&1 | tee -a "$log"
+    status=0
+    python3 -m pytest -m gpu -p no:cacheprovider -rA tests/model/megatron/test_mcore_gpu.py \
+        tests/model/megatron/test_fp8.py 2>&1 | tee -a "$log" || status=$?
+    timeout 300 python3 bench/gpu_train.py 2>&1 | tee -a "$log" || status=$?
+    exit "$status"
     ;;
 *)
     echo "usage: bash bench/gpu_check.sh prepare|run" >&2

@@ -3,6 +3,7 @@
     config.py        ParallelConfig: TP / SP / PP sizes, `transformer_impl` (local | transformer_engine), precision
     cpu_shim.py      the only CPU adaptations of megatron-core, applied only when CUDA is absent
     layer_specs.py   the Ouro sandwich layer (four RMSNorms) as megatron submodules, per implementation
+    fp8.py           FP8 recipes, the real-FP8 linear of the local spec, where FP8 can run (TE or local)
     model.py         MegatronLoopLM: the T-step loop, per-step vocab-parallel head + CE, exit gate
     losses.py        Stage I and Stage II objectives (equal to looplm.model.objectives)
     convert.py       Ouro HF layout <-> Megatron state at any TP

@@ -29,12 +29,22 @@ Recipes (megatron's `fp8_recipe` names):
   scale made for another loop (saturating when the range grows, losing mantissa when it shrinks).
 - "mxfp8": TE on Blackwell only (see above).
 
-The default is "tensorwise", as DESIGN.md decided before measuring; bench/fp8_bench.py measures the loss gap of
-each recipe to fp32 on a looped model (T=4), and BENCHMARKS.md ("FP8 on looped blocks") records the figures
-that confirm it: <see BENCHMARKS.md>. Current scaling needs no state, so it is also exact under activation
-recompute; delayed scaling is not (a recomputed forward would advance the history and use another scale), so the
-local linear rejects delayed + recompute at config time. The history is not checkpointed: a resumed run starts a
-fresh history (TE keeps it in `_extra_state`).
+The default is "tensorwise", DESIGN.md's choice, now confirmed by measurement (bench/fp8_bench.py, BENCHMARKS.md
+"FP8 on looped blocks": tiny LoopLM, T=4, 48 AdamW steps against fp32 from the same init and batches). The
+looped-model effect is in the gradients: a linear's output-gradient amax differs by about 20x (median; up to 46x)
+between its T calls in one step, while its input amax differs by only 1.2x (the sandwich norms). So one history
+fed by all T loops either saturates the loops whose range outgrows their predecessor's ("most_recent", history
+1, megatron's default: 0.6% of inputs and 0.3% of gradients saturated, loss gap +1.8%, the only recipe clearly
+worse than fp32) or, with "max" over a history of >= T calls, scales every loop for the largest one and flushes
+small-loop gradients to zero (0.46% flushed with e5m2, 10.6% with e4m3 gradients, against 0.006% and 2.9% for
+current scaling). Current scaling saturates nothing and flushes least; its loss gap (-0.4%) and those of delayed
+"max" (-0.7%, -1.4%) are within this short run's trajectory noise (several FP8 runs end below fp32). Delayed's
+defaults here are therefore history 16 with "max" (not megatron's 1 / "most_recent").
+
+Current scaling needs no state, so it is also exact under activation recompute; delayed scaling is not (a
+recomputed forward would advance the history and use another scale), so the local linear rejects delayed +
+recompute at config time. The history is not checkpointed: a resumed run starts a fresh history (TE keeps it in
+`_extra_state`).
 
 Tensor parallelism: each rank scales its own shard of the weight and of the gradient (no amax all-reduce). That
 is exact per rank, since each rank dequantises its own partial product before megatron's gather/reduce, but a
