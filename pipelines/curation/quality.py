@@ -23,6 +23,7 @@ Where the references differ, the choice is an option:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,9 +43,11 @@ POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses co
 ALPHA_WORDS = ("fineweb", "gopher")
 
 
-def words_of(text: str) -> list[str]:
-    """spaCy's English words (punctuation tokens included), as datatrove's split_into_words."""
-    return split_words(text)
+@functools.lru_cache(maxsize=8)
+def words_of(text: str) -> tuple[str, ...]:
+    """spaCy's English words (punctuation tokens included), as datatrove's split_into_words; cached for the few
+    latest texts, as datatrove caches it, since three filters read the words of one document."""
+    return tuple(split_words(text))
 
 
 @dataclass(frozen=True)
@@ -168,16 +171,25 @@ def _repeated_ngram_chars(grams: _Grams, n: int) -> int:
     """datatrove's find_all_duplicate: characters in n-grams seen before, skipping past each repeat so overlapping
     repeats count once."""
     hashes = grams.hashes(n)
+    _, first = np.unique(hashes, return_index=True)
+    candidates = np.ones(len(hashes), dtype=bool)
+    candidates[first] = False  # an n-gram's first occurrence is never a repeat
+    values = hashes.tolist()
+    lengths = (grams.char_ends[n:] - grams.char_ends[:-n]).tolist()
     seen: set[int] = set()
     chars, i = 0, 0
-    values = hashes.tolist()
-    while i < len(values):
-        if values[i] in seen:
-            chars += grams.chars(i, n)
-            i += n
+    # datatrove's loop, visiting only the positions that may repeat: every position in between is a first
+    # occurrence, so it is not in `seen` and the loop would add it and step on.
+    for c in np.flatnonzero(candidates).tolist():
+        if c < i:
+            continue  # inside the n-gram just counted
+        seen.update(values[i:c])
+        if values[c] in seen:
+            chars += lengths[c]
+            i = c + n
         else:
-            seen.add(values[i])
-            i += 1
+            seen.add(values[c])
+            i = c + 1
     return chars
 
 

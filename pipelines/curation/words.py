@@ -32,9 +32,13 @@ def reference_rules() -> dict:
 @functools.cache
 def _rules():
     data = reference_rules()["spacy"]
+    # Every prefix alternative is anchored at the start and every suffix one at the end: `match` tries the start
+    # only, and the suffix search looks at a piece's last SUFFIX_WINDOW characters only (spaCy's longest English
+    # suffix, lookbehind included, is far shorter), instead of trying thousands of alternatives at every position.
+    suffix = re.compile(data["suffix"]).search
     return (
-        re.compile(data["prefix"]).search,
-        re.compile(data["suffix"]).search,
+        re.compile(data["prefix"]).match,
+        lambda string: suffix(string[-SUFFIX_WINDOW:]),
         re.compile(data["infix"]).finditer,
         re.compile(data["url"]).match,
         {key: tuple(pieces) for key, pieces in data["special_cases"].items()},
@@ -45,6 +49,7 @@ def _rules():
     )
 
 
+SUFFIX_WINDOW = 24
 _CACHE: dict[str, tuple[str, ...]] = {}  # piece -> tokens: words repeat (spaCy keeps such a cache too)
 _CACHE_LIMIT = 200_000
 
