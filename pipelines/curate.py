@@ -34,6 +34,7 @@ manifest and megatron/ files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -393,12 +394,41 @@ def print_summary(report: dict) -> None:
               f"of {bucket['planted']}")  # fmt: skip
 
 
+# Ray starts its workers at nice 15, so that its own daemons stay responsive; on a machine shared with other work
+# that starves curation (one run slowed 11x as the load rose, where datatrove slowed 2x). A local Ray started by
+# `run` gives its workers the caller's priority; a cluster's own setting is not touched (the raylet reads it).
+WORKER_NICENESS = "0"
+# Under load a local raylet can take longer than Ray's fixed 30 s to register ("node timed out during startup"):
+# the start is retried, as a person would.
+STARTUP_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def _ray(config: CurateConfig):
+    from looplm.infra.ray_cluster import disconnect, ray_session
+
+    os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        session = ray_session(config.ray_address, num_cpus=config.num_cpus)
+        try:
+            session.__enter__()
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == STARTUP_ATTEMPTS:
+                raise
+            warn(f"Ray did not start (attempt {attempt} of {STARTUP_ATTEMPTS}): {err}; retrying")
+            disconnect()
+            continue
+        break
+    try:
+        yield
+    finally:
+        session.__exit__(None, None, None)
+
+
 def run(config: CurateConfig, output: str | Path) -> dict:
     """Connect to Ray (the configured or current cluster, else a local one), curate, print the summary."""
-    from looplm.infra.ray_cluster import ray_session
-
     check_inputs(config)  # a missing file is named at once, not after Ray has started
-    with ray_session(config.ray_address, num_cpus=config.num_cpus):
+    with _ray(config):
         report = curate(config, output)
     print_summary(report)
     print(f"output: {output}")

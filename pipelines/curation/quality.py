@@ -1,41 +1,53 @@
 """Heuristic quality filters with their published thresholds, in FineWeb's order: Gopher repetition, Gopher
-quality, C4, FineWeb. The rules follow datatrove's implementations (`datatrove/pipeline/filters/`), which
-reproduce Gopher (Rae et al. 2021, Table A1), C4 (Raffel et al. 2020) and FineWeb (Penedo et al. 2024).
+quality, C4, FineWeb. Each rule reproduces a named reference exactly: datatrove 0.10.1's filters
+(`datatrove/pipeline/filters/`), the code of the FineWeb pipeline (Penedo et al. 2024), which implements Gopher
+(Rae et al. 2021, Table A1) and C4 (Raffel et al. 2020) with FineWeb's settings. The shared test set of real
+documents (tests/pipelines/data/filters_real.jsonl, verdicts produced by datatrove) checks it.
 
 Each filter is `fn(text, config) -> (reason, text)`: reason is '' when the document is kept; the text comes back
 because the C4 filter removes lines (javascript and policy lines, lines of fewer than three words) in place.
 
-Deviations from datatrove, each for a reason:
-- words come from a regex tokenizer (`\\w+` runs and single punctuation marks) instead of spaCy/NLTK: no model
-  download, and the same split for every language;
-- Gopher's stop-word count ignores case ("The" at a sentence start counts);
-- Gopher's share of words with a letter is taken over words that are not bare punctuation (the paper's words are
-  whitespace-separated, so "1949." is one word, not two);
-- C4's sentence count splits at ., ! and ? followed by whitespace, instead of NLTK's punkt.
+Words and sentences are spaCy's English tokens and sentencizer, as datatrove splits them (`words.py`): "don't" is
+two words ("do", "n't"), "--" and "..." are one token each, and with FineWeb's C4 settings (lines, not
+paragraphs) every kept line is at least one sentence.
+
+Where the references differ, the choice is an option:
+- Gopher quality, the share of words with a letter (`alpha_words`): "fineweb" (default) follows the FineWeb
+  pipeline, whose words include punctuation tokens (a "." is a word without a letter); "gopher" follows the Gopher
+  paper, whose words are whitespace-separated ("1949." is one word, without a letter; "end." one with).
+- FineWeb's line-ending punctuation (`fineweb.released`): true (default) is the code FineWeb was made with, where
+  a line ending in a quote (" or ') ends in punctuation and the thresholds are inclusive (ratio <= 0.12 removes,
+  short lines >= 0.67 removes, duplicate-line characters >= 0.01 removes); false is datatrove 0.10.1, which counts
+  the terminal punctuation of many scripts but no quote, with strict thresholds.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-import string
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-_WORDS = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+from looplm.pipelines.curation.words import count_sentences, reference_rules, split_words
+
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _LINES = re.compile(r"\n+")
-_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
-PUNCTUATION = set(string.punctuation + "’‘“”«»…–—")
-END_PUNCTUATION = (".", "?", "!", '"', "'")
+PUNCTUATION = frozenset(reference_rules()["datatrove"]["punctuation"])  # datatrove's PUNCTUATION_SET
+TERMINAL_PUNCTUATION = tuple(reference_rules()["datatrove"]["terminal_punctuation"])  # datatrove 0.10.1
+END_PUNCTUATION = (".", "?", "!", '"', "'")  # C4's, and released FineWeb's line-ending punctuation
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+ALPHA_WORDS = ("fineweb", "gopher")
 
 
-def words_of(text: str) -> list[str]:
-    return _WORDS.findall(text)
+@functools.lru_cache(maxsize=8)
+def words_of(text: str) -> tuple[str, ...]:
+    """spaCy's English words (punctuation tokens included), as datatrove's split_into_words; cached for the few
+    latest texts, as datatrove caches it, since three filters read the words of one document."""
+    return tuple(split_words(text))
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,11 @@ class GopherQualityConfig:
     max_ellipsis_lines_ratio: float = 0.3
     max_non_alpha_words_ratio: float = 0.8  # (sic) the minimum fraction of words with an alphabetic character
     min_stop_words: int = 2
+    alpha_words: str = "fineweb"  # what a word is for that fraction: see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.alpha_words not in ALPHA_WORDS:
+            raise ValueError(f"gopher_quality.alpha_words must be one of {ALPHA_WORDS}, got {self.alpha_words!r}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,7 @@ class FineWebConfig:
     short_line_length: int = 30
     char_duplicates_ratio: float = 0.01
     new_line_ratio: float = 0.3
+    released: bool = True  # the rules FineWeb was made with; false: datatrove 0.10.1's (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -153,16 +171,25 @@ def _repeated_ngram_chars(grams: _Grams, n: int) -> int:
     """datatrove's find_all_duplicate: characters in n-grams seen before, skipping past each repeat so overlapping
     repeats count once."""
     hashes = grams.hashes(n)
+    _, first = np.unique(hashes, return_index=True)
+    candidates = np.ones(len(hashes), dtype=bool)
+    candidates[first] = False  # an n-gram's first occurrence is never a repeat
+    values = hashes.tolist()
+    lengths = (grams.char_ends[n:] - grams.char_ends[:-n]).tolist()
     seen: set[int] = set()
     chars, i = 0, 0
-    values = hashes.tolist()
-    while i < len(values):
-        if values[i] in seen:
-            chars += grams.chars(i, n)
-            i += n
+    # datatrove's loop, visiting only the positions that may repeat: every position in between is a first
+    # occurrence, so it is not in `seen` and the loop would add it and step on.
+    for c in np.flatnonzero(candidates).tolist():
+        if c < i:
+            continue  # inside the n-gram just counted
+        seen.update(values[i:c])
+        if values[c] in seen:
+            chars += lengths[c]
+            i = c + n
         else:
-            seen.add(values[i])
-            i += 1
+            seen.add(values[c])
+            i = c + 1
     return chars
 
 
@@ -200,7 +227,8 @@ def gopher_repetition(text: str, config: GopherRepetitionConfig) -> tuple[str, s
 
 def gopher_quality(text: str, config: GopherQualityConfig) -> tuple[str, str]:
     words = words_of(text)
-    content = [w for w in words if any(ch not in PUNCTUATION for ch in w)]
+    n = len(words)
+    content = [w for w in words if any(ch not in PUNCTUATION for ch in w)]  # words that are not only symbols
     if len(content) < config.min_doc_words:
         return f"gopher_quality: {len(content)} words < {config.min_doc_words}", text
     if len(content) > config.max_doc_words:
@@ -210,7 +238,6 @@ def gopher_quality(text: str, config: GopherQualityConfig) -> tuple[str, str]:
         return f"gopher_quality: mean word length {mean_length:.1f} < {config.min_avg_word_length}", text
     if mean_length > config.max_avg_word_length:
         return f"gopher_quality: mean word length {mean_length:.1f} > {config.max_avg_word_length}", text
-    n = len(words)
     if text.count("#") / n > config.max_symbol_word_ratio:
         return f"gopher_quality: hash-to-word ratio {text.count('#') / n:.2f} > {config.max_symbol_word_ratio}", text
     ellipses = text.count("...") + text.count("…")
@@ -223,17 +250,22 @@ def gopher_quality(text: str, config: GopherQualityConfig) -> tuple[str, str]:
     trailing = sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines)
     if trailing > config.max_ellipsis_lines_ratio:
         return f"gopher_quality: lines ending in ellipsis {trailing:.2f} > {config.max_ellipsis_lines_ratio}", text
-    alpha = sum(any(ch.isalpha() for ch in w) for w in content) / len(content)
+    alpha_over = words if config.alpha_words == "fineweb" else text.split()
+    alpha = sum(any(ch.isalpha() for ch in w) for w in alpha_over) / len(alpha_over)
     if alpha < config.max_non_alpha_words_ratio:
         return f"gopher_quality: words with a letter {alpha:.2f} < {config.max_non_alpha_words_ratio}", text
-    stop_words = sum(w.lower() in STOP_WORDS for w in words)
+    # Distinct stop words, as written (datatrove: the set of stop words among the words).
+    stop_words = len(STOP_WORDS.intersection(words))
     if stop_words < config.min_stop_words:
         return f"gopher_quality: {stop_words} stop words < {config.min_stop_words}", text
     return "", text
 
 
 def c4(text: str, config: C4Config) -> tuple[str, str]:
+    """C4's line rules with FineWeb's settings (datatrove's C4QualityFilter, split_paragraph=True): a line's
+    sentences are spaCy's sentencizer's, so every kept line is at least one sentence."""
     kept = []
+    sentences = 0
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         words = line.split()
@@ -254,30 +286,33 @@ def c4(text: str, config: C4Config) -> tuple[str, str]:
             return "c4: curly bracket", text
         if config.filter_policy and any(p in lowered for p in POLICY_SUBSTRINGS):
             continue
+        if config.min_num_sentences > 0:
+            sentences += count_sentences(line)
         kept.append(line)
-    result = "\n".join(kept)
-    sentences = len(_SENTENCE_END.findall(result))
     if sentences < config.min_num_sentences:
         return f"c4: {sentences} sentences < {config.min_num_sentences}", text
     # Keep paragraph breaks where C4 removed nothing, so later steps see the document's structure.
-    return "", text if len(kept) == len(lines) else result
+    return "", text if len(kept) == len(lines) else "\n".join(kept).strip()
 
 
 def fineweb(text: str, config: FineWebConfig) -> tuple[str, str]:
     lines = [line for line in text.split("\n") if line.strip()]
     if not lines:
         return "fineweb: empty", text
-    punct = sum(line.endswith(END_PUNCTUATION) for line in lines) / len(lines)
-    if punct <= config.line_punct_thr and not (punct == 0 and config.line_punct_exclude_zero):
-        return f"fineweb: lines ending in punctuation {punct:.2f} <= {config.line_punct_thr}", text
+    released = config.released
+    punct = sum(line.endswith(END_PUNCTUATION if released else TERMINAL_PUNCTUATION) for line in lines) / len(lines)
+    too_few = punct <= config.line_punct_thr if released else punct < config.line_punct_thr
+    if too_few and not (punct == 0 and config.line_punct_exclude_zero):
+        sign = "<=" if released else "<"
+        return f"fineweb: lines ending in punctuation {punct:.2f} {sign} {config.line_punct_thr}", text
     short = sum(len(line) <= config.short_line_length for line in lines) / len(lines)
-    if short >= config.short_line_thr:
-        return f"fineweb: short lines {short:.2f} >= {config.short_line_thr}", text
+    if short >= config.short_line_thr if released else short > config.short_line_thr:
+        return f"fineweb: short lines {short:.2f} {'>=' if released else '>'} {config.short_line_thr}", text
     dup_chars = _duplicates(lines)[1] / max(1, len(text.replace("\n", "")))
-    if dup_chars >= config.char_duplicates_ratio:
-        return f"fineweb: duplicate line chars {dup_chars:.3f} >= {config.char_duplicates_ratio}", text
-    words = words_of(text)
-    newlines = text.count("\n") / max(1, len(words))
+    if dup_chars >= config.char_duplicates_ratio if released else dup_chars > config.char_duplicates_ratio:
+        sign = ">=" if released else ">"
+        return f"fineweb: duplicate line chars {dup_chars:.3f} {sign} {config.char_duplicates_ratio}", text
+    newlines = text.count("\n") / max(1, len(words_of(text)))
     if newlines > config.new_line_ratio:
         return f"fineweb: newlines per word {newlines:.2f} > {config.new_line_ratio}", text
     return "", text
