@@ -161,9 +161,9 @@ def run_app(model: str, *, name: str = "looplm", route_prefix: str = "/", config
     return run_apps([(model, name, route_prefix, config or ServeConfig())])[0]
 
 
-def run_apps(apps: list[tuple[str, str, str, ServeConfig]]) -> list[str]:
+def run_apps(apps: list[tuple[str, str, str, ServeConfig]], *, wait: bool = True) -> list[str]:
     """Run several apps (model, name, route_prefix, config) side by side on a started Serve: their replicas
-    start together. Returns each app's root URL once it answers."""
+    start together. Returns each app's root URL, once it answers unless wait=False (then `wait_ready`)."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -171,11 +171,12 @@ def run_apps(apps: list[tuple[str, str, str, ServeConfig]]) -> list[str]:
         RunTarget(build_app(model, name=name, config=config), name=name, route_prefix=prefix)
         for model, name, prefix, config in apps
     ]
-    serve.run_many(targets, blocking=False)
+    serve.run_many(targets, blocking=False, wait_for_applications_running=wait)
     http = serve.context._get_global_client().http_config
     roots = [f"http://{http.host}:{http.port}{prefix.rstrip('/')}" for _, _, prefix, _ in apps]
-    for root, (*_, config) in zip(roots, apps, strict=True):
-        _wait_ready(root + "/health/ready", config.ready_timeout_s)
+    if wait:
+        for root, (*_, config) in zip(roots, apps, strict=True):
+            wait_ready(root, config.ready_timeout_s)
     return roots
 
 
@@ -202,7 +203,9 @@ def shutdown() -> None:
     serve.shutdown()
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
+def wait_ready(root: str, timeout_s: float = 300.0) -> None:
+    """Block until the app at `root` answers its readiness route."""
+    url = root + "/health/ready"
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
