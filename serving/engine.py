@@ -171,6 +171,8 @@ class _Request:
 
 
 class Engine:
+    """Serves one model; it moves and casts `model` in place to the config's device and dtype."""
+
     def __init__(self, model: LoopLM, config: EngineConfig = EngineConfig(), tokenizer=None):
         self.config = config
         self.device = torch.device(config.device)
