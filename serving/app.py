@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -219,6 +220,10 @@ def wait_ready(root: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"the serving app at {url} was not ready after {timeout_s:.0f} s (last error: {last})")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_from_args(args) -> int:
     """`looplm serve MODEL`: deploy on the current Ray cluster ($RAY_ADDRESS) or a local one, then serve."""
     from looplm.infra.ray_cluster import connect, disconnect
@@ -234,6 +239,8 @@ def run_from_args(args) -> int:
             print("--keep has no effect on a local Ray started by this command: serving until Ctrl-C", flush=True)
         else:
             return 0  # the app keeps running on the cluster; `serve shutdown` removes it
+    # SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C; set here, at the command's entry.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
