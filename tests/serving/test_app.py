@@ -362,3 +362,20 @@ def _until(condition, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("the page did not get there in time")
+
+
+def test_prometheus_metrics_on_rays_metrics_endpoint(client):
+    import ray
+
+    client.completions.create(model="looplm", prompt="They", max_tokens=4, temperature=0.0)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    names = ["requests", "generated_tokens", "queue_depth", "time_to_first_token_s", "time_per_output_token_s"]
+    names = [f"ray_looplm_{n}" for n in names + ["loop_steps_per_token", "kv_blocks_used"]]
+    missing = names
+    deadline = time.monotonic() + 30
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [n for n in names if n not in text]
+        time.sleep(0.5)
+    assert not missing, f"not exported: {missing}"
+    assert "ray_looplm_requests_total{" in text and 'route="completions"' in text
