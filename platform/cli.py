@@ -6,6 +6,7 @@
     looplm eval CONFIG [k=v ...]      evaluate a checkpoint or registered model, tracked in MLflow
     looplm upcycle SRC DST            duplicate a checkpoint's layers (Ouro 1.4B -> 2.6B; --factor, --order)
     looplm mlflow                     start an MLflow tracking server on 127.0.0.1
+    looplm serve MODEL                serve a checkpoint or models:/ URI on Ray Serve (OpenAI API, 127.0.0.1:8000)
 
 Each subcommand imports its module only when it runs, so `looplm --help` stays fast.
 """
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("looplm.pipelines.evaluate", "run_from_args", "evaluate a checkpoint or registered model"),
     "upcycle": ("looplm.pipelines.upcycle", "run_from_args", "duplicate a checkpoint's layers (1.4B -> 2.6B)"),
     "mlflow": ("looplm.infra.mlflow_server", "run_from_args", "start an MLflow tracking server on 127.0.0.1"),
+    "serve": ("looplm.serving.app", "run_from_args", "serve a model on Ray Serve with an OpenAI-compatible API"),
 }
 WITH_CONFIG = {"curate", "train", "eval"}
 
@@ -49,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if name == "mlflow":
             command.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 5000; 0: any free port)")
+        if name == "serve":
+            command.add_argument("model", help="Ouro HF checkpoint folder or models:/NAME/VERSION, models:/NAME@ALIAS")
+            command.add_argument("--name", default="looplm", help="model name clients ask for (default: looplm)")
+            command.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+            command.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+            command.add_argument(
+                "--kv-cache", default="per_step", choices=("per_step", "last_step", "average"), help="KV strategy"
+            )
+            command.add_argument("--max-batch-size", type=int, default=32, help="running requests (default: 32)")
+            command.add_argument("--api-key", action="append", help="bearer key clients must send (repeatable)")
+            command.add_argument("--keep", action="store_true", help="return and leave the app on the cluster")
+            continue
         command.add_argument("--output", help="output folder (default: under ./runs)")
     return parser
 

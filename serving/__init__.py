@@ -14,7 +14,7 @@ runs it under asyncio, `openai_api.py` the wire format, `server.py` a replica's 
 Serve deployment with `deploy`/`shutdown`, `playground.py` the page at `/`.
 """
 
-from .app import ServeConfig, build_app, deploy, run_app, run_apps, shutdown
+from .app import ServeConfig, build_app, deploy, run_app, run_apps, shutdown, wait_ready
 from .engine import Engine, EngineConfig, QueueFullError, RequestError, SamplingParams
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "run_app",
     "run_apps",
     "shutdown",
+    "wait_ready",
 ]

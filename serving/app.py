@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -161,9 +162,9 @@ def run_app(model: str, *, name: str = "looplm", route_prefix: str = "/", config
     return run_apps([(model, name, route_prefix, config or ServeConfig())])[0]
 
 
-def run_apps(apps: list[tuple[str, str, str, ServeConfig]]) -> list[str]:
+def run_apps(apps: list[tuple[str, str, str, ServeConfig]], *, wait: bool = True) -> list[str]:
     """Run several apps (model, name, route_prefix, config) side by side on a started Serve: their replicas
-    start together. Returns each app's root URL once it answers."""
+    start together. Returns each app's root URL, once it answers unless wait=False (then `wait_ready`)."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -171,11 +172,12 @@ def run_apps(apps: list[tuple[str, str, str, ServeConfig]]) -> list[str]:
         RunTarget(build_app(model, name=name, config=config), name=name, route_prefix=prefix)
         for model, name, prefix, config in apps
     ]
-    serve.run_many(targets, blocking=False)
+    serve.run_many(targets, blocking=False, wait_for_applications_running=wait)
     http = serve.context._get_global_client().http_config
     roots = [f"http://{http.host}:{http.port}{prefix.rstrip('/')}" for _, _, prefix, _ in apps]
-    for root, (*_, config) in zip(roots, apps, strict=True):
-        _wait_ready(root + "/health/ready", config.ready_timeout_s)
+    if wait:
+        for root, (*_, config) in zip(roots, apps, strict=True):
+            wait_ready(root, config.ready_timeout_s)
     return roots
 
 
@@ -202,7 +204,9 @@ def shutdown() -> None:
     serve.shutdown()
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
+def wait_ready(root: str, timeout_s: float = 300.0) -> None:
+    """Block until the app at `root` answers its readiness route."""
+    url = root + "/health/ready"
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -214,6 +218,10 @@ def _wait_ready(url: str, timeout_s: float) -> None:
             last = err
         time.sleep(0.25)
     raise TimeoutError(f"the serving app at {url} was not ready after {timeout_s:.0f} s (last error: {last})")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_from_args(args) -> int:
@@ -231,6 +239,8 @@ def run_from_args(args) -> int:
             print("--keep has no effect on a local Ray started by this command: serving until Ctrl-C", flush=True)
         else:
             return 0  # the app keeps running on the cluster; `serve shutdown` removes it
+    # SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C; set here, at the command's entry.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)

@@ -171,6 +171,8 @@ class _Request:
 
 
 class Engine:
+    """Serves one model; it moves and casts `model` in place to the config's device and dtype."""
+
     def __init__(self, model: LoopLM, config: EngineConfig = EngineConfig(), tokenizer=None):
         self.config = config
         self.device = torch.device(config.device)
@@ -367,8 +369,11 @@ class Engine:
         for row, request in enumerate(requests):
             own = request.table[:blocks_needed]
             tables[row, : own.numel()] = own
-        last_steps = torch.tensor([r.steps for r in requests], device=self.device)
+        steps_of = [r.steps for r in requests]
+        gated = any(r.threshold < 1.0 for r in requests)  # else rows leave only at their last step
+        last_steps = torch.tensor(steps_of, device=self.device)
         thresholds = torch.tensor([r.threshold for r in requests], device=self.device)
+        where = kv.locate(tables, positions)  # (block, offset) of each row's new position
         key_index = torch.arange(blocks_needed * kv.block_size, device=self.device)
         # May attend: cached positions before the row's own, then (appended by Attention) the token itself.
         itself = torch.ones(count, 1, dtype=torch.bool, device=self.device)
@@ -380,32 +385,38 @@ class Engine:
         survival = torch.ones(count, device=self.device)
         final_h = torch.empty(count, h.shape[-1], dtype=h.dtype, device=self.device)
         exit_steps = torch.empty(count, dtype=torch.long, device=self.device)
-        for t in range(1, int(last_steps.max()) + 1):
+        for t in range(1, max(steps_of) + 1):
             step_kv = []
             for layer_index, layer in enumerate(model.model.layers):
                 past = kv.gather(t, layer_index, tables)
                 h, own = layer(h, cos, sin, mask, past)
-                kv.record(t, layer_index, tables, positions, own)
+                kv.record(t, layer_index, where, own)
                 step_kv.append(own)
             h = model.model.norm(h)
             self._counters["decode_layer_calls"] += layers * active.numel()
             self._counters["decode_loop_steps"] += active.numel()
-            survival = survival * (1.0 - torch.sigmoid(model.exit_gate(h)[:, 0].float()))
+            if not gated and t not in steps_of:
+                continue  # nobody can leave after this pass: skip the exit bookkeeping
             last = t == last_steps
-            cdf = torch.where(last, torch.ones_like(survival), 1.0 - survival)
-            done = last | ((thresholds < 1.0) & (cdf >= thresholds))
+            done = last
+            if gated:
+                survival = survival * (1.0 - torch.sigmoid(model.exit_gate(h)[:, 0].float()))
+                cdf = torch.where(last, torch.ones_like(survival), 1.0 - survival)
+                done = last | ((thresholds < 1.0) & (cdf >= thresholds))
+            if not bool(done.any()):
+                continue
             final_h[active[done]] = h[done, 0]
             exit_steps[active[done]] = t
             exited = done & ~last
-            if bool(exited.any()):
+            if kv.strategy == "per_step" and bool(exited.any()):
                 exited_kv = [(k[exited], v[exited]) for k, v in step_kv]
-                kv.fill_deeper(t, last_steps[exited], tables[exited], positions[exited], exited_kv)
+                kv.fill_deeper(t, last_steps[exited], (where[0][exited], where[1][exited]), exited_kv)
             if bool(done.all()):
                 break
             stay = ~done
             active, h, survival = active[stay], h[stay], survival[stay]
             cos, sin, mask, tables = cos[stay], sin[stay], mask[stay], tables[stay]
-            positions, last_steps, thresholds = positions[stay], last_steps[stay], thresholds[stay]
+            where, last_steps, thresholds = (where[0][stay], where[1][stay]), last_steps[stay], thresholds[stay]
         self._counters["decode_tokens"] += count
         logits = model.lm_head(final_h)
         for row, request in enumerate(requests):

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from .engine import Engine, SamplingParams, TokenEvent
@@ -66,8 +67,14 @@ class EngineLoop:
         if self._error is not None:
             raise RuntimeError(f"the engine stopped after an error: {self._error}")
         queue: asyncio.Queue = asyncio.Queue()
-        request_id = self.engine.add_request(prompt, params)
+        request_id = f"req-{uuid.uuid4().hex}"
+        # Registered before the engine sees the request: its first token may come before add_request returns.
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(prompt, params, request_id=request_id)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
         self._wake.set()
         return self._events(request_id, queue)
 

@@ -89,8 +89,9 @@ class PagedKV:
 
     # ---------------------------------------------------------------- writes
 
-    def _where(self, table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block ids, offsets) of positions; table is one row's block ids, or [rows, blocks] with positions [rows]."""
+    def locate(self, table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids, offsets) of positions: table is one row's block ids, or [rows, blocks] with positions
+        [rows] (one position per row)."""
         if table.dim() == 1:
             return table[positions // self.block_size], positions % self.block_size
         return table.gather(1, (positions // self.block_size)[:, None])[:, 0], positions % self.block_size
@@ -98,7 +99,7 @@ class PagedKV:
     def prefill(self, table: torch.Tensor, kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Store one prompt's keys and values kv[t][l], each [1, kv_heads, seq, head_dim], all T steps run."""
         steps, seq = len(kv), kv[0][0][0].shape[2]
-        blocks, offsets = self._where(table, torch.arange(seq, device=table.device))
+        blocks, offsets = self.locate(table, torch.arange(seq, device=table.device))
         for layer in range(self.num_layers):
             if self.strategy == "per_step":
                 pairs = [(t + 1, kv[t][layer]) for t in range(steps)]
@@ -114,20 +115,15 @@ class PagedKV:
                 self.values[slot, blocks, offsets] = v[0].transpose(0, 1)
 
     def record(
-        self,
-        step: int,
-        layer: int,
-        tables: torch.Tensor,
-        positions: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        self, step: int, layer: int, where: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
     ) -> None:
-        """New tokens' keys and values [rows, kv_heads, 1, head_dim] at (step, layer), one position per row.
+        """New tokens' keys and values [rows, kv_heads, 1, head_dim] at (step, layer), at `where` = `locate(...)`.
 
         Every row at step t has run exactly steps 1..t of its token, which is what average's running mean
         divides by.
         """
         slot = self.slot(step, layer)
-        blocks, offsets = self._where(tables, positions)
+        blocks, offsets = where
         for pool, new in ((self.keys, kv[0]), (self.values, kv[1])):
             new = new[:, :, 0]
             if self.strategy == "average" and step > 1:
@@ -140,14 +136,13 @@ class PagedKV:
         self,
         exit_step: int,
         last_steps: torch.Tensor,
-        tables: torch.Tensor,
-        positions: torch.Tensor,
+        where: tuple[torch.Tensor, torch.Tensor],
         step_kv: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         """per_step only: rows that exited at exit_step get its keys in their slots exit_step+1..last_steps[row]."""
         if self.strategy != "per_step":
             return
-        blocks, offsets = self._where(tables, positions)
+        blocks, offsets = where
         for deeper in range(exit_step + 1, int(last_steps.max()) + 1):
             rows = last_steps >= deeper
             if not bool(rows.any()):

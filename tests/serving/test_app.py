@@ -19,7 +19,7 @@ import torch
 
 from looplm.model import LoopLM, QExit
 from looplm.model.tokenizer import CHAT_END, load_tokenizer
-from looplm.serving import EngineConfig, ServeConfig, deploy, run_apps, shutdown
+from looplm.serving import EngineConfig, ServeConfig, deploy, run_apps, shutdown, wait_ready
 from looplm.serving.openai_api import render_chat
 
 pytestmark = pytest.mark.slow
@@ -43,18 +43,25 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
+    from ray import serve
+
     from looplm.infra.ray_cluster import ray_session
 
     engine = EngineConfig(max_batch_size=4, max_queue=4, max_tokens_limit=LIMIT, block_size=8, kv_cache_tokens=2048)
     config = ServeConfig(engine=engine, num_cpus=0, num_threads=1, api_keys=(KEY,))
+    port = _free_port()
     with ray_session(num_cpus=2):
         try:
-            base_url = deploy(str(tiny_checkpoint), port=_free_port(), config=config)
+            # The shared-cache apps start first without waiting, so all three replicas boot together.
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
             shared = [
                 (str(tiny_checkpoint), f"looplm-{s}", f"/{s}", _with_strategy(config, s, keys=()))
                 for s in ("last_step", "average")
             ]
-            roots = dict(zip(("last_step", "average"), run_apps(shared), strict=True))
+            roots = dict(zip(("last_step", "average"), run_apps(shared, wait=False), strict=True))
+            base_url = deploy(str(tiny_checkpoint), port=port, config=config)
+            for root in roots.values():
+                wait_ready(root)
             roots["per_step"] = base_url.removesuffix("/v1")
             yield Served(base_url, roots, tiny_checkpoint)
         finally:
@@ -267,3 +274,108 @@ def test_early_exit_through_the_api_cuts_loop_steps(client):
     assert full.usage.average_recurrent_steps == 4.0
     assert early.usage.average_recurrent_steps < 3.0
     assert torch.tensor(early.choices[0].exit_steps).min() == 1
+
+
+class _DevTools:
+    """The Chrome DevTools protocol over one page's websocket: just enough to drive the page."""
+
+    def __init__(self, socket):
+        self.socket, self.next_id = socket, 0
+
+    def __call__(self, method: str, **params):
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=30))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str):
+        result = self("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+
+def test_playground_streams_tokens_shaded_by_exit_step_in_chromium(served, client, tmp_path):
+    import shutil
+    import subprocess
+
+    from websockets.sync.client import connect
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-address=127.0.0.1"]
+    args += ["--remote-debugging-port=0", f"--user-data-dir={tmp_path}", "about:blank"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if "DevTools listening on ws://" in line:
+                port = int(line.split("ws://127.0.0.1:")[1].split("/")[0])
+                break
+        else:
+            pytest.fail("chromium did not open its DevTools port")
+        page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None) as socket:
+            devtools = _DevTools(socket)
+            devtools("Page.navigate", url=served.roots["per_step"] + "/")
+            _until(
+                lambda: (
+                    devtools.evaluate("document.readyState") == "complete"
+                    and devtools.evaluate("!!document.getElementById('run')")
+                )
+            )
+            devtools.evaluate(
+                f"""(() => {{
+                  document.getElementById('api-key').value = {json.dumps(KEY)};
+                  document.getElementById('prompt').value = 'They majored in';
+                  document.getElementById('threshold').value = '0.5';
+                  document.getElementById('max-tokens').value = '24';
+                  document.getElementById('run').click();
+                  return true; }})()"""
+            )
+            _until(lambda: "recurrent steps" in devtools.evaluate("document.getElementById('status').textContent"))
+            spans = devtools.evaluate(
+                "[...document.querySelectorAll('#output .tok')]"
+                ".map(s => [Number(s.dataset.step), s.style.backgroundColor, s.textContent])"
+            )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    expected = client.completions.create(
+        model="looplm", prompt="They majored in", max_tokens=24, temperature=0.0, extra_body={"exit_threshold": 0.5}
+    ).choices[0]
+    assert spans, "no tokens arrived in the page"
+    assert "".join(text for _, _, text in spans) == expected.text
+    assert {step for step, _, _ in spans} <= set(expected.exit_steps)
+    assert len({step for step, _, _ in spans}) > 1 and len({color for _, color, _ in spans}) > 1  # shaded by step
+    assert all(color.startswith("rgb") for _, color, _ in spans)
+
+
+def _until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("the page did not get there in time")
+
+
+def test_prometheus_metrics_on_rays_metrics_endpoint(client):
+    import ray
+
+    client.completions.create(model="looplm", prompt="They", max_tokens=4, temperature=0.0)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    names = ["requests", "generated_tokens", "queue_depth", "time_to_first_token_s", "time_per_output_token_s"]
+    names = [f"ray_looplm_{n}" for n in names + ["loop_steps_per_token", "kv_blocks_used"]]
+    missing = names
+    deadline = time.monotonic() + 30
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [n for n in names if n not in text]
+        time.sleep(0.5)
+    assert not missing, f"not exported: {missing}"
+    assert "ray_looplm_requests_total{" in text and 'route="completions"' in text
