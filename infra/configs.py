@@ -165,6 +165,13 @@ def apply_overrides(
     return result
 
 
+def build_config(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """`cls` from plain data; errors name `where` (a file, or a file and a field) and the dotted field."""
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    return _build(cls, data, where)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from a YAML file (or its defaults when path is None) plus dotted overrides."""
     data: dict[str, Any] = {}

@@ -3,7 +3,8 @@
     curate    CurateConfig     Ray Data curation, tokenizer, packing          -> CuratedData
     pretrain  PretrainConfig   megatron-core on Ray Train (Stage I or II)     -> TrainedModel   inputs: data, init
     upcycle   UpcycleConfig    duplicate a checkpoint's layers (1.4B -> 2.6B) -> UpcycledModel  inputs: model
-    evaluate  EvalConfig       per-step metrics, exit curves, plots           -> EvalMetrics    inputs: model, stage1
+    evaluate  EvalConfig       per-step metrics, exit curves, plots           -> EvalMetrics    inputs: model, stage1,
+                                                                                                    data
     register  RegisterConfig   the model in the MLflow registry               -> RegisteredModel inputs: model, metrics
 
 Inputs by role: a step's config names its inputs by placeholder (`data.manifest: "@curate"`, `train.init_from_hf:
@@ -188,15 +189,41 @@ def upcycle_step(config: UpcycleConfig, inputs: dict, context: Any) -> UpcycledM
 # ---------------------------------------------------------------- evaluate
 
 
+def held_out_text(curated: Any, target: Path, limit: int) -> Path:
+    """The curated valid split as text (.jsonl), decoded from its token files: what the model never trained on,
+    drawn from the same sources (byte-level BPE decodes exactly)."""
+    from looplm.model.tokenizer import load_tokenizer
+    from looplm.pipelines.curation.pack import open_indexed
+    from looplm.pipelines.training.data import read_manifest
+
+    manifest = read_manifest(curated.path(curated.record.folder))
+    tokenizer = load_tokenizer(manifest.tokenizer)
+    lines = []
+    for prefix in manifest.valid[0]:
+        for document in open_indexed(prefix):
+            ids = [int(t) for t in document if int(t) != manifest.eod_id]
+            lines.append(json.dumps({"text": tokenizer.decode(ids)}))
+            if len(lines) >= limit:
+                break
+    if not lines:
+        raise ValueError(f"{manifest.folder}: the valid split is empty; set evaluate's data.path instead")
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
 def evaluate_step(config: EvalConfig, inputs: dict, context: Any) -> EvalMetrics:
     from looplm.pipelines.evaluate import run
 
     model = inputs["model"]
     stage1 = inputs.get("stage1")
+    data = config.data
+    if "data" in inputs and data.path is None:  # held-out curated text, unless the config names its own
+        data = dataclasses.replace(data, path=str(held_out_text(inputs["data"], context.output / "valid.jsonl", 2000)))
     config = dataclasses.replace(
         config,
         model=str(model.path(model.record.hf)),
         stage1_model=str(stage1.path(stage1.record.hf)) if stage1 is not None else None,
+        data=data,
     )
     table = run(config, context.tracker, output=context.output)
     trained = json.loads((model.path(model.record.hf) / "config.json").read_text())["total_ut_steps"]
@@ -270,7 +297,9 @@ KINDS: dict[str, Kind] = {
     "curate": Kind(CurateConfig, curate_step, roles=(), num_cpus=0),
     "pretrain": Kind(PretrainConfig, pretrain_step, roles=("data", "init"), num_cpus=0, fill=_fill_pretrain),
     "upcycle": Kind(UpcycleConfig, upcycle_step, roles=("model",), required=("model",)),
-    "evaluate": Kind(EvalConfig, evaluate_step, roles=("model", "stage1"), required=("model",), fill=_fill_evaluate),
+    "evaluate": Kind(
+        EvalConfig, evaluate_step, roles=("model", "stage1", "data"), required=("model",), fill=_fill_evaluate
+    ),
     "register": Kind(RegisterConfig, register_step, roles=("model", "metrics"), required=("model",), num_cpus=0),
 }
 
