@@ -200,8 +200,9 @@ def held_out_text(curated: Any, target: Path, limit: int) -> Path:
     tokenizer = load_tokenizer(manifest.tokenizer)
     lines = []
     for prefix in manifest.valid[0]:
-        for document in open_indexed(prefix):
-            ids = [int(t) for t in document if int(t) != manifest.eod_id]
+        documents = open_indexed(prefix)
+        for index in range(len(documents)):  # by index: megatron's dataset has no end for plain iteration
+            ids = [int(t) for t in documents[index] if int(t) != manifest.eod_id]
             lines.append(json.dumps({"text": tokenizer.decode(ids)}))
             if len(lines) >= limit:
                 break
