@@ -156,8 +156,8 @@ def apply_overrides(
                 node[part] = value
                 break
             child = node.get(part)
-            if child is None and isinstance(default, list):
-                child = copy.deepcopy(default)
+            if child is None and isinstance(default, list | tuple):  # asdict keeps a tuple field a tuple
+                child = copy.deepcopy(list(default))
             elif not isinstance(child, dict | list):
                 child = {}
             node[part] = child

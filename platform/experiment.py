@@ -135,7 +135,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
             inputs={role: steps[upstream] for role, upstream in inputs.items()},
             num_cpus=kind.num_cpus,
         )
-    stray = [o for o in step_overrides if o.split(".")[1] not in steps]
+    stray = [o for o in step_overrides if not any(o.startswith(f"steps.{name}.config.") for name in steps)]
     if stray:
         raise ConfigFileError(f"{path}: override(s) {', '.join(stray)} name no step; steps are {', '.join(steps)}")
     return Experiment(name, root, tuple(steps.values()), str(path), {"name": name, "root": root, "steps": resolved})
