@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, function, _ = COMMANDS[args.command]
-    return int(getattr(importlib.import_module(module), function)(args) or 0)
+    from looplm.infra.configs import ConfigFileError
+
+    try:
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except ConfigFileError as err:  # a bad file or override: the message names it; a traceback adds nothing
+        print(f"looplm {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
