@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m looplm.platform.demo
+	$(BIN)/python -m looplm.platform.demo $(DEMO_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -156,13 +156,20 @@ def apply_overrides(
                 node[part] = value
                 break
             child = node.get(part)
-            if child is None and isinstance(default, list):
-                child = copy.deepcopy(default)
+            if child is None and isinstance(default, list | tuple):  # asdict keeps a tuple field a tuple
+                child = copy.deepcopy(list(default))
             elif not isinstance(child, dict | list):
                 child = {}
             node[part] = child
             node = child
     return result
+
+
+def build_config(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """`cls` from plain data; errors name `where` (a file, or a file and a field) and the dotted field."""
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    return _build(cls, data, where)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from .atomic import staged_folder
 from .config import LoopLMConfig
-from .hub import resolve_model_dir
 from .looplm import LoopLM
 
 CONFIG_NAME = "config.json"
@@ -147,12 +146,25 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
+REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def checkpoint_folder(location: str | Path) -> Path:
+    """A folder path; a registry URI is an error that says where it is resolved (looplm.model reads folders)."""
+    if isinstance(location, str) and location.startswith(REGISTRY_SCHEMES):
+        raise CheckpointError(
+            f"{location!r} is a registry URI and looplm.model reads folders: download it first with "
+            "looplm.infra.registry.resolve_model_dir(uri)"
+        )
+    return Path(location)
+
+
 def load_pretrained(
     directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> LoopLM:
-    """Load a checkpoint folder, or a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`: see
-    hub.py); dtype None keeps the checkpoint's own dtype."""
-    directory = resolve_model_dir(directory)
+    """Load a checkpoint folder; dtype None keeps the checkpoint's own dtype. A registered model is downloaded to
+    a folder first: `load_pretrained(looplm.infra.registry.resolve_model_dir("models:/NAME/VERSION"))`."""
+    directory = checkpoint_folder(directory)
     config = load_config(directory)
     skeleton, expected = _skeleton_and_shapes(config)
 

@@ -24,9 +24,10 @@ upcycled model is therefore a close starting point, not a function-preserving on
 computes exactly is the source's own layers in the duplicated order with the final norm after every 2N layers
 (tests/model/test_upcycle.py checks both statements).
 
-The source is a local folder or a registered model (`models:/NAME/VERSION`, resolved by hub.py as load_pretrained
-does), single-file or sharded. Nothing is ever held whole: tensors are read one at a time with safetensors'
-`safe_open` and streamed into the output files, so the peak memory is one tensor (the 2.6B model in fp32 is ~10 GB).
+The source is a local folder (`looplm upcycle` downloads a registered `models:/NAME/VERSION` first, through
+looplm.infra.registry), single-file or sharded. Nothing is ever held whole: tensors are read one at a time with
+safetensors' `safe_open` and streamed into the output files, so the peak memory is one tensor (the 2.6B model in
+fp32 is ~10 GB).
 The output follows save_pretrained's layout (one `model.safetensors`, or shards of at most `max_shard_bytes` plus
 `model.safetensors.index.json`) and is written into a temporary sibling folder renamed into place at the end, so
 a crash never leaves a half-written output.
@@ -56,10 +57,10 @@ from .checkpoint import (
     _shards,
     _skeleton_and_shapes,
     _weight_files,
+    checkpoint_folder,
     read_config_json,
 )
 from .config import ConfigError, LoopLMConfig
-from .hub import resolve_model_dir
 
 ORDERS = ("stacked", "interleaved")
 COMPANION_FILES = (
@@ -248,7 +249,7 @@ def upcycle_layers(
     _check_arguments(factor, order)
     target = Path(dst)
     check_free_folder(target, UPCYCLE_TARGET)
-    directory = resolve_model_dir(src)
+    directory = checkpoint_folder(src)
     if not directory.is_dir():
         raise CheckpointError(f"source checkpoint folder {directory} not found")
     data = read_config_json(directory)

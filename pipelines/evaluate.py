@@ -37,10 +37,10 @@ from typing import Any
 import torch
 
 from looplm.infra.configs import load_config
+from looplm.infra.registry import resolve_model_dir
 from looplm.infra.tracking import RunLogger, by_step_metrics, pyplot
 from looplm.model import ExitPolicy, HiddenDiffExit, LoopLM, LoopLMConfig, QExit, load_pretrained, select_exit_steps
 from looplm.model.checkpoint import read_config_json
-from looplm.model.hub import resolve_model_dir
 from looplm.model.tokenizer import load_tokenizer
 from looplm.pipelines.reasoning_eval import ReasoningTasks, reasoning_rows
 from looplm.pipelines.reference_train import pack_documents, split_batch
@@ -438,7 +438,7 @@ def run(config: EvalConfig, tracker: RunLogger | None = None, output: str | Path
     folder = resolve_model_dir(config.model)
     model = load_pretrained(folder)
     tokenizer = load_tokenizer(folder)
-    stage1 = load_pretrained(config.stage1_model) if config.stage1_model else None
+    stage1 = load_pretrained(resolve_model_dir(config.stage1_model)) if config.stage1_model else None
     rows = eval_rows(config.data, tokenizer, model.config.eos_token_id)
     started = time.perf_counter()
     table = evaluate_model(

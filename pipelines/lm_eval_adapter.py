@@ -35,8 +35,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from looplm.infra.registry import resolve_model_dir
 from looplm.model import QExit, load_pretrained, select_exit_steps
-from looplm.model.hub import resolve_model_dir
 from looplm.model.tokenizer import load_tokenizer
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"

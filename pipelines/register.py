@@ -1,7 +1,7 @@
 """Register a trained LoopLM in the MLflow model registry, as a version the serving side loads by URI.
 
     version = register_model("runs/x/checkpoint", "looplm-tiny", run=step, metrics={"val_loss": 2.1})
-    model = load_pretrained("models:/looplm-tiny/1")        # looplm.model resolves the URI (model/hub.py)
+    model = load_pretrained(resolve_model_dir("models:/looplm-tiny/1"))   # infra/registry.py downloads it
     generator = mlflow.pyfunc.load_model("models:/looplm-tiny/1")
     generator.predict(["Kalo Mira was born on"], params={"max_new_tokens": 16, "exit_threshold": 0.5})
 

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from looplm.infra.registry import resolve_model_dir
 from looplm.model.upcycle import upcycle_layers
 
 
@@ -25,7 +26,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        target = upcycle_layers(args.src, args.dst, factor=args.factor, order=args.order, progress=progress)
+        source = resolve_model_dir(args.src)  # a registered model is downloaded to a folder first
+        target = upcycle_layers(source, args.dst, factor=args.factor, order=args.order, progress=progress)
     layers = json.loads((Path(target) / "config.json").read_text())["num_hidden_layers"]
     print(f"wrote {target}: {layers} layers ({args.order}, x{args.factor}) from {args.src}")
     return 0

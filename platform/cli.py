@@ -1,6 +1,8 @@
 """The `looplm` command: one subcommand per thing a user runs.
 
     looplm demo                       the embedded end-to-end demo (what `make demo` runs)
+    looplm run EXPERIMENT [k=v ...]   run an experiment's steps through the executor (--dry-run, --force, --until)
+    looplm status EXPERIMENT [k=v]    each step's state (done, running, unfinished, not run) and output folder
     looplm curate CONFIG [k=v ...]    curate raw text into Megatron indexed datasets (Ray Data)
     looplm train CONFIG [k=v ...]     pretrain on megatron-core, launched on Ray Train
     looplm eval CONFIG [k=v ...]      evaluate a checkpoint or registered model, tracked in MLflow
@@ -20,6 +22,8 @@ import sys
 # subcommand -> (module, function, help). The function takes the parsed argparse namespace.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("looplm.platform.demo", "run_from_args", "run the embedded end-to-end demo"),
+    "run": ("looplm.platform.experiment", "run_from_args", "run an experiment through the step executor"),
+    "status": ("looplm.platform.experiment", "status_from_args", "show each step of an experiment: done or not"),
     "curate": ("looplm.pipelines.curate", "run_from_args", "curate raw text into Megatron indexed datasets"),
     "train": ("looplm.pipelines.pretrain", "run_from_args", "pretrain on megatron-core via Ray Train"),
     "eval": ("looplm.pipelines.evaluate", "run_from_args", "evaluate a checkpoint or registered model"),
@@ -27,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "mlflow": ("looplm.infra.mlflow_server", "run_from_args", "start an MLflow tracking server on 127.0.0.1"),
     "serve": ("looplm.serving.app", "run_from_args", "serve a model on Ray Serve with an OpenAI-compatible API"),
 }
-WITH_CONFIG = {"curate", "train", "eval"}
+WITH_CONFIG = {"curate", "train", "eval", "run", "status"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name in WITH_CONFIG:
             command.add_argument("config", help="experiment YAML file")
             command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+        if name == "run":
+            command.add_argument("--dry-run", action="store_true", help="print run/skip per step and why; run nothing")
+            command.add_argument(
+                "--force", action="append", default=[], metavar="STEP", help="rerun STEP and everything downstream"
+            )
+            command.add_argument("--until", metavar="STEP", help="run only STEP and the steps it needs")
+            continue
+        if name == "status":
+            continue
         if name == "upcycle":
             command.add_argument("src", help="Ouro HF checkpoint folder or models:/ URI to upcycle")
             command.add_argument("dst", help="new checkpoint folder (must not exist, or be empty)")
@@ -70,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, function, _ = COMMANDS[args.command]
-    return int(getattr(importlib.import_module(module), function)(args) or 0)
+    from looplm.infra.configs import ConfigFileError
+
+    try:
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except ConfigFileError as err:  # a bad file or override: the message names it; a traceback adds nothing
+        print(f"looplm {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -136,3 +136,21 @@ def test_a_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatc
     assert (tmp_path / "store" / "artifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
     assert [a.path for a in MlflowClient(uri).list_artifacts(run.run_id)] == ["config.json"]
+
+
+def test_a_step_in_another_process_nests_under_the_pipeline_run_by_id(mlflow_server):
+    """What the executor does: the driver opens the pipeline run, a Ray task attaches to it by id and nests a step
+    run; the attached handle neither renames nor closes the parent."""
+    from looplm.infra.tracking import attached_run
+
+    client = MlflowClient(mlflow_server.url)
+    with pipeline_run("dag", experiment="test-tracking", tracking_uri=mlflow_server.url) as run:
+        assert run.flush()
+        parent = attached_run(mlflow_server.url, run.run_id, "dag", experiment="test-tracking")
+        with step_run(parent, "train", config=Inner(steps=5)) as step:
+            step.log_metrics({"loss": 1.5}, step=1)
+        assert client.get_run(run.run_id).info.status == "RUNNING"  # the parent is the driver's to close
+    nested = client.get_run(step.run_id)
+    assert nested.data.tags["mlflow.parentRunId"] == run.run_id and nested.info.run_name == "dag/train"
+    assert nested.data.params["steps"] == "5" and nested.data.metrics["loss"] == 1.5
+    assert client.get_run(run.run_id).info.status == "FINISHED" and client.get_run(run.run_id).info.run_name == "dag"

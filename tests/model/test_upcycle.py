@@ -243,18 +243,11 @@ def test_companions_are_copied_and_per_layer_config_lists_follow_their_layers(tm
     assert json.loads((dst2 / "config.json").read_text())["layer_types"] == ["a", "a", "b", "b", "c", "c"]
 
 
-def test_registered_model_uri_is_resolved(tmp_path, monkeypatch):
-    _, src = _save_source(tmp_path)
-    asked = []
-
-    def resolve(location):
-        asked.append(location)
-        return src
-
-    monkeypatch.setattr("looplm.model.upcycle.resolve_model_dir", resolve)
-    dst = upcycle_layers("models:/looplm-tiny/1", tmp_path / "dst")
-    assert asked == ["models:/looplm-tiny/1"]
-    assert json.loads((dst / "config.json").read_text())["num_hidden_layers"] == 2 * N
+def test_a_registry_uri_is_refused_with_where_to_resolve_it(tmp_path):
+    # looplm.model reads folders; `looplm upcycle` downloads a registered model through looplm.infra.registry.
+    with pytest.raises(CheckpointError, match="registry URI and looplm.model reads folders"):
+        upcycle_layers("models:/looplm-tiny/1", tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from looplm.infra.registry import ModelNotFoundError, resolve_model_dir
 from looplm.infra.tracking import pipeline_run, step_run
 from looplm.model import QExit, load_pretrained
 from looplm.model.checkpoint import CheckpointError
-from looplm.model.hub import ModelNotFoundError, resolve_model_dir
 from looplm.model.tokenizer import load_tokenizer
 from looplm.pipelines import evaluate
 from looplm.pipelines.register import register_model
@@ -73,7 +73,7 @@ def test_pipeline_run_registers_a_version_that_loads_back_identically(
     original = load_pretrained(trained_tiny.stage2)
     ids = trained_tiny.valid[:3, :-1]
     for uri in (f"models:/looplm-test-tiny/{version.version}", "models:/looplm-test-tiny@candidate"):
-        loaded = load_pretrained(uri)
+        loaded = load_pretrained(resolve_model_dir(uri))  # infra downloads, the model reads the folder
         for a, b in zip(original(ids).logits, loaded(ids).logits, strict=True):
             assert torch.equal(a, b)
 
@@ -108,6 +108,8 @@ def test_pipeline_run_registers_a_version_that_loads_back_identically(
 def test_unknown_model_uri_is_named(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     with pytest.raises(ModelNotFoundError, match="models:/no-such-model/3"):
+        resolve_model_dir("models:/no-such-model/3")
+    with pytest.raises(CheckpointError, match="registry URI and looplm.model reads folders"):
         load_pretrained("models:/no-such-model/3")
     with pytest.raises(ModelNotFoundError, match="models:/no-such-model@best"):
         resolve_model_dir("models:/no-such-model@best")

@@ -1,4 +1,4 @@
-"""Where a model lives: a checkpoint folder on disk, or a model in an MLflow registry, resolved to a folder.
+"""Where a model lives: a checkpoint folder on disk, or a model in an MLflow registry, downloaded to a folder.
 
     resolve_model_dir("runs/demo/checkpoint")          -> that folder
     resolve_model_dir("models:/looplm-tiny/3")         -> a local copy of version 3's Ouro checkpoint folder
@@ -9,7 +9,9 @@ data of their pyfunc flavour (pipelines/register.py). A download is cached under
 ~/.cache/looplm/models), keyed by the registry's own id of the model, so a version is fetched once and a cached
 copy is never mistaken for another server's model of the same name and version.
 
-mlflow is imported inside the functions: looplm.model depends on torch alone, and a plain path needs nothing.
+This is infra's job, not the model's: looplm.model reads folders only (`load_pretrained(resolve_model_dir(uri))`).
+mlflow is imported inside the functions: a plain path needs nothing. The download is staged beside its cache
+folder and renamed into place (looplm.model.atomic), so a crash never leaves half a model under the cache's name.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
+
+from looplm.model.atomic import staged_folder
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 CACHE_ENV = "LOOPLM_MODEL_CACHE"
@@ -75,22 +77,17 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
 
     target = _cache_root() / f"{label}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
     if not (target / ".complete").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=download_uri, dst_path=str(staging), tracking_uri=tracking_uri, registry_uri=tracking_uri
-            )
-            (staging / ".complete").touch()
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            with staged_folder(target, overwrite=True) as staging:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=download_uri,
+                    dst_path=str(staging),
+                    tracking_uri=tracking_uri,
+                    registry_uri=tracking_uri,
+                )
+                (staging / ".complete").touch()
         except MlflowException as err:
-            shutil.rmtree(staging, ignore_errors=True)
             raise ModelNotFoundError(f"cannot download model {uri!r} from {tracking_uri}: {err}") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return _checkpoint_folder(target, uri)
 
 

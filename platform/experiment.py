@@ -1,0 +1,190 @@
+"""Experiments: a YAML file of steps mapped onto the frozen configs, run by the executor.
+
+    looplm run configs/demo.yaml [steps.pretrain.config.train.steps=50 ...] [--dry-run] [--force STEP] [--until STEP]
+    looplm status configs/demo.yaml
+
+    name: demo                       # the MLflow pipeline run's name
+    root: runs/demo                  # where step outputs live: a path or a pyarrow/fsspec URI (s3://...)
+    steps:                           # in order; each step's inputs name earlier steps
+      curate:   {kind: curate, config: {...CurateConfig...}}
+      pretrain: {kind: pretrain, inputs: {data: curate}, config_file: train-tiny-cpu.yaml, config: {...}}
+      ...
+
+A step is `kind` (platform/steps.py KINDS), `inputs` (role -> step), and its config: `config_file` (a config
+YAML, relative to the experiment file) with `config` merged over it. Overrides are dotted paths into the
+experiment (`root=/data/runs`, `steps.curate.config.sources.0.count=500`); those under a step's config are
+applied after the merge, with the config's defaults behind them, so a list item the file does not spell out can
+be changed. Every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from looplm.infra.configs import ConfigFileError, apply_overrides, build_config, to_dict
+
+from .executor import LockSettings, PipelineResult, Step, Storage, format_plan, plan, run_steps, status_rows
+from .steps import KINDS
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+TOP_LEVEL = ("name", "root", "description", "steps")
+STEP_KEYS = ("kind", "inputs", "config", "config_file")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    root: str
+    steps: tuple[Step, ...]  # in file order (each after its inputs)
+    source: str  # the file it came from
+    data: dict[str, Any]  # the resolved experiment as plain data (logged as the pipeline run's params)
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"{self.source}: no step named {name!r}; steps are {', '.join(s.name for s in self.steps)}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigFileError(f"{what} {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _defaults(cls: type) -> dict[str, Any] | None:
+    try:
+        return to_dict(cls())
+    except (TypeError, ValueError):
+        return None
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    path = Path(path)
+    overrides = list(overrides or [])
+    step_overrides = [o for o in overrides if o.startswith("steps.") and ".config." in o.partition("=")[0]]
+    data = apply_overrides(_read_yaml(path, "experiment file"), [o for o in overrides if o not in step_overrides])
+    unknown = sorted(set(data) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigFileError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL)}")
+    name = data.get("name") or path.stem
+    root = str(data.get("root") or Path("runs") / name)
+    entries = data.get("steps")
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigFileError(f"{path}: steps must be a mapping of step name -> step")
+    steps: dict[str, Step] = {}
+    resolved: dict[str, Any] = {}
+    for step_name, entry in entries.items():
+        where = f"{path}: steps.{step_name}"
+        if not isinstance(entry, dict):
+            raise ConfigFileError(f"{where}: expected a mapping with kind, inputs, config")
+        bad = sorted(set(entry) - set(STEP_KEYS))
+        if bad:
+            raise ConfigFileError(f"{where}: unknown field(s) {', '.join(bad)}; known: {', '.join(STEP_KEYS)}")
+        kind_name = entry.get("kind")
+        if kind_name not in KINDS:
+            raise ConfigFileError(f"{where}.kind: {kind_name!r} is not one of {', '.join(KINDS)}")
+        kind = KINDS[kind_name]
+        inputs = entry.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise ConfigFileError(f"{where}.inputs: expected a mapping of role -> step name")
+        for role, upstream in inputs.items():
+            if role not in kind.roles:
+                raise ConfigFileError(
+                    f"{where}.inputs.{role}: a {kind_name} step takes {', '.join(kind.roles) or 'no inputs'}"
+                )
+            if upstream not in steps:
+                raise ConfigFileError(f"{where}.inputs.{role}: {upstream!r} is not an earlier step")
+        missing = [r for r in kind.required if r not in inputs]
+        if missing:
+            raise ConfigFileError(f"{where}.inputs: a {kind_name} step needs {', '.join(missing)}")
+        config_data: dict[str, Any] = {}
+        if entry.get("config_file"):
+            config_data = _read_yaml(path.parent / entry["config_file"], f"{where}.config_file:")
+        config_data = _merge(config_data, entry.get("config") or {})
+        prefix = f"steps.{step_name}.config."
+        mine = [o[len(prefix) :] for o in step_overrides if o.startswith(prefix)]
+        config_data = kind.fill(apply_overrides(config_data, mine, _defaults(kind.config)), inputs)
+        config = build_config(kind.config, config_data, f"{where}.config")
+        resolved[step_name] = {"kind": kind_name, "inputs": inputs, "config": to_dict(config)}
+        steps[step_name] = Step(
+            step_name,
+            kind.fn,
+            config,
+            inputs={role: steps[upstream] for role, upstream in inputs.items()},
+            num_cpus=kind.num_cpus,
+        )
+    stray = [o for o in step_overrides if not any(o.startswith(f"steps.{name}.config.") for name in steps)]
+    if stray:
+        raise ConfigFileError(f"{path}: override(s) {', '.join(stray)} name no step; steps are {', '.join(steps)}")
+    return Experiment(name, root, tuple(steps.values()), str(path), {"name": name, "root": root, "steps": resolved})
+
+
+def run_experiment(
+    experiment: Experiment,
+    *,
+    force: list[str] | None = None,
+    until: str | None = None,
+    dry_run: bool = False,
+    tracking_uri: str | None = None,
+    lock: LockSettings | None = None,
+) -> PipelineResult | None:
+    """Run (or with dry_run, only plan) the experiment's steps, all of them or `until` and its upstream."""
+    steps = [experiment.step(until)] if until else list(experiment.steps)
+    if dry_run:
+        print(format_plan(plan(steps, Storage.at(experiment.root), force or [])))
+        return None
+    return run_steps(
+        steps,
+        experiment.root,
+        force=force or [],
+        pipeline_name=experiment.name,
+        tracking_uri=tracking_uri,
+        config=experiment.data,
+        lock=lock,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`looplm run EXPERIMENT.yaml [k=v ...] [--dry-run] [--force STEP] [--until STEP]`."""
+    experiment = load_experiment(args.config, args.overrides)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri and not args.dry_run:
+        print("MLFLOW_TRACKING_URI is not set: steps run untracked (`looplm mlflow` starts a server)")
+    result = run_experiment(
+        experiment, force=args.force, until=args.until, dry_run=args.dry_run, tracking_uri=tracking_uri
+    )
+    if result is not None and result.run_id:
+        print(f"MLflow run {result.run_id} at {tracking_uri}")
+    return 0
+
+
+def status_from_args(args: argparse.Namespace) -> int:
+    """`looplm status EXPERIMENT.yaml [k=v ...]`: each step's state and output folder."""
+    experiment = load_experiment(args.config, args.overrides)
+    rows = status_rows(experiment.steps, experiment.root)
+    width = max(len(r[0]) for r in rows)
+    for name, state, folder in rows:
+        print(f"{name:<{width}}  {state:<40}  {folder}")
+    return 0

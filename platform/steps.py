@@ -1,0 +1,310 @@
+"""The pipeline's step kinds: each a function `(config, inputs, context) -> record` the executor runs as a Ray task.
+
+    curate    CurateConfig     Ray Data curation, tokenizer, packing          -> CuratedData
+    pretrain  PretrainConfig   megatron-core on Ray Train (Stage I or II)     -> TrainedModel   inputs: data, init
+    upcycle   UpcycleConfig    duplicate a checkpoint's layers (1.4B -> 2.6B) -> UpcycledModel  inputs: model
+    evaluate  EvalConfig       per-step metrics, exit curves, plots           -> EvalMetrics    inputs: model, stage1,
+                                                                                                    data
+    register  RegisterConfig   the model in the MLflow registry               -> RegisteredModel inputs: model, metrics
+
+Inputs by role: a step's config names its inputs by placeholder (`data.manifest: "@curate"`, `train.init_from_hf:
+"@pretrain"`, `model: "@gate"`), which `KINDS[kind].fill` writes from the experiment's `inputs:` so that the hash
+covers the upstream step (through its hash), never a machine's path; at run time the step replaces the
+placeholder with the upstream folder. The steps that only orchestrate Ray work (curate: Ray Data; pretrain:
+Ray Train) take no CPU themselves (num_cpus=0), or their own workers could never be scheduled on a small node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from looplm.pipelines.curate import CurateConfig
+from looplm.pipelines.evaluate import EvalConfig
+from looplm.pipelines.training.config import PretrainConfig
+
+from .records import CuratedData, EvalMetrics, RegisteredModel, TrainedModel, UpcycledModel
+
+PLACEHOLDER = "@"  # "@<step>": filled with that step's output at run time
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    name: str = "looplm"  # the registered model's name
+    alias: str | None = None  # e.g. "champion": set on the new version
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class UpcycleConfig:
+    factor: int = 2
+    order: str = "stacked"  # stacked: [1..N, 1..N]; interleaved: [1, 1, 2, 2, ...]
+
+
+# ---------------------------------------------------------------- curate
+
+
+@contextlib.contextmanager
+def _without_env(name: str) -> Iterator[None]:
+    """Hide one environment variable for a block (curate would open its own top-level MLflow run from it)."""
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
+def curate_step(config: CurateConfig, inputs: dict, context: Any) -> CuratedData:
+    from looplm.pipelines.curate import curate, print_summary
+    from looplm.pipelines.curation.report import report_metrics
+
+    folder = context.output / "curated"
+    config = dataclasses.replace(config, mlflow_tracking_uri=None)
+    with _without_env("MLFLOW_TRACKING_URI"):  # the step's nested run below records it instead
+        report = curate(config, folder)
+    print_summary(report)
+    manifest = json.loads((folder / "mixture.json").read_text())
+    datasets = {
+        name: {
+            "weight": entry["weight"],
+            **{
+                f"{split}_{what}": entry[split][what]
+                for split in ("train", "valid")
+                for what in ("tokens", "documents")
+            },
+        }
+        for name, entry in manifest["sources"].items()
+    }
+    if context.tracker is not None:
+        context.tracker.log_metrics(report_metrics(report))
+        for path in sorted((folder / "report").iterdir()):
+            context.tracker.log_artifact(path, "curation_report")
+    return CuratedData(
+        folder="curated",
+        manifest="curated/mixture.json",
+        tokenizer="curated/tokenizer.json",
+        vocab_size=manifest["vocab_size"],
+        eod_id=manifest["eod_id"],
+        datasets=datasets,
+        documents_kept=report["documents_kept"],
+        documents_removed=report["documents_read"] - report["documents_kept"],
+    )
+
+
+# ---------------------------------------------------------------- pretrain
+
+
+class TrainingProgress:
+    """A live line per logged interval: step of total, rate, ETA and the loss."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total, self.started, self.first = name, total, time.perf_counter(), None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        step = int(record["step"])
+        if "loss" not in record:
+            print(f"[{self.name}] step {step}/{self.total}  validation loss {record['valid_loss']:.4f}", flush=True)
+            return
+        if self.first is None:  # a resumed run starts mid-way: the rate counts from the first step seen here
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        rate = done / elapsed if done and elapsed > 0 else 0.0
+        eta = f"{(self.total - step) / rate:.0f}s" if rate else "?"
+        print(
+            f"[{self.name}] step {step}/{self.total} ({100 * step / self.total:.0f}%)  {rate:.2f} steps/s  "
+            f"ETA {eta}  loss {record['loss']:.4f}  tok/s {record.get('tokens_per_s', 0):.0f}",
+            flush=True,
+        )
+
+
+def resolve_pretrain_inputs(config: PretrainConfig, inputs: dict) -> PretrainConfig:
+    """The config with the data and init placeholders replaced by the upstream folders."""
+    data, train = config.data, config.train
+    if "data" in inputs:
+        upstream = inputs["data"]
+        data = dataclasses.replace(data, manifest=str(upstream.path(upstream.record.folder)), paths=(), generator=None)
+    if "init" in inputs:
+        upstream = inputs["init"]
+        train = dataclasses.replace(train, init_from_hf=str(upstream.path(upstream.record.hf)))
+    return config.replace(data=data, train=train)
+
+
+def pretrain_step(config: PretrainConfig, inputs: dict, context: Any) -> TrainedModel:
+    from looplm.pipelines.pretrain import launch, save_training_plot
+    from looplm.pipelines.training.trainer import HF_EXPORT, RUN_INFO
+
+    config = resolve_pretrain_inputs(config, inputs)
+    # Ray Train's workers resume from <output>/checkpoints/latest: a rerun of a killed step continues there.
+    result = launch(config, context.output, on_record=TrainingProgress(context.name, config.train.steps))
+    if result.checkpoint is None:
+        raise RuntimeError(f"{context.name}: training finished without a checkpoint under {context.output}")
+    training = [r for r in result.records if "loss" in r]
+    valid = [r["valid_loss"] for r in result.records if "valid_loss" in r]
+    if context.tracker is not None:
+        info = context.output / RUN_INFO
+        if info.is_file():
+            context.tracker.set_tags({f"looplm.{k}": str(v) for k, v in json.loads(info.read_text()).items()})
+        for record in result.records:
+            metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+            context.tracker.log_metrics(metrics, step=int(record["step"]))
+        plot = save_training_plot(result.records, context.output / "training.png")
+        if plot is not None:
+            context.tracker.log_artifact(plot, "plots")
+    return TrainedModel(
+        checkpoint=str(result.checkpoint.relative_to(context.output.resolve())),
+        hf=HF_EXPORT,
+        steps=config.train.steps,
+        objective=config.train.objective,
+        final_loss=float(training[-1]["loss"]) if training else float("nan"),
+        valid_loss=float(valid[-1]) if valid else None,
+    )
+
+
+# ---------------------------------------------------------------- upcycle
+
+
+def upcycle_step(config: UpcycleConfig, inputs: dict, context: Any) -> UpcycledModel:
+    from looplm.model.checkpoint import read_config_json
+    from looplm.model.upcycle import upcycle_layers
+
+    upstream = inputs["model"]
+    target = context.output / "hf"
+    if target.exists():  # an interrupted earlier attempt: upcycling writes a new folder
+        import shutil
+
+        shutil.rmtree(target)
+    upcycle_layers(upstream.path(upstream.record.hf), target, factor=config.factor, order=config.order)
+    return UpcycledModel(hf="hf", num_hidden_layers=int(read_config_json(target)["num_hidden_layers"]))
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def held_out_text(curated: Any, target: Path, limit: int) -> Path:
+    """The curated valid split as text (.jsonl), decoded from its token files: what the model never trained on,
+    drawn from the same sources (byte-level BPE decodes exactly)."""
+    from looplm.model.tokenizer import load_tokenizer
+    from looplm.pipelines.curation.pack import open_indexed
+    from looplm.pipelines.training.data import read_manifest
+
+    manifest = read_manifest(curated.path(curated.record.folder))
+    tokenizer = load_tokenizer(manifest.tokenizer)
+    lines = []
+    for prefix in manifest.valid[0]:
+        documents = open_indexed(prefix)
+        for index in range(len(documents)):  # by index: megatron's dataset has no end for plain iteration
+            ids = [int(t) for t in documents[index] if int(t) != manifest.eod_id]
+            lines.append(json.dumps({"text": tokenizer.decode(ids)}))
+            if len(lines) >= limit:
+                break
+    if not lines:
+        raise ValueError(f"{manifest.folder}: the valid split is empty; set evaluate's data.path instead")
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def evaluate_step(config: EvalConfig, inputs: dict, context: Any) -> EvalMetrics:
+    from looplm.pipelines.evaluate import run
+
+    model = inputs["model"]
+    stage1 = inputs.get("stage1")
+    data = config.data
+    if "data" in inputs and data.path is None:  # held-out curated text, unless the config names its own
+        data = dataclasses.replace(data, path=str(held_out_text(inputs["data"], context.output / "valid.jsonl", 2000)))
+    config = dataclasses.replace(
+        config,
+        model=str(model.path(model.record.hf)),
+        stage1_model=str(stage1.path(stage1.record.hf)) if stage1 is not None else None,
+        data=data,
+    )
+    table = run(config, context.tracker, output=context.output)
+    trained = json.loads((model.path(model.record.hf) / "config.json").read_text())["total_ut_steps"]
+    metrics: dict[str, float] = {}
+    for row in table:
+        if row["kind"] == "step":
+            metrics[f"loss_step_{row['step']}"] = float(row["loss"])
+            if row["step"] == trained:
+                metrics.update(val_loss=float(row["loss"]), val_ppl=float(row["ppl"]), val_acc=float(row["acc"]))
+    return EvalMetrics(metrics=metrics, table="eval_table.json", trained_steps=int(trained))
+
+
+# ---------------------------------------------------------------- register
+
+
+def register_step(config: RegisterConfig, inputs: dict, context: Any) -> RegisteredModel:
+    from looplm.pipelines.register import register_model
+
+    if context.tracker is None:
+        raise RuntimeError(
+            "register needs an MLflow tracking server: set MLFLOW_TRACKING_URI (`looplm mlflow` starts one)"
+        )
+    model = inputs["model"]
+    metrics = inputs["metrics"].record.metrics if "metrics" in inputs else {}
+    headline = {k: v for k, v in metrics.items() if k in ("val_loss", "val_ppl", "val_acc")}
+    version = register_model(
+        model.path(model.record.hf),
+        config.name,
+        run=context.tracker,
+        metrics=headline,
+        alias=config.alias,
+        description=config.description,
+    )
+    uri = f"models:/{config.name}/{version.version}"
+    print(f"[{context.name}] registered {uri}", flush=True)
+    return RegisteredModel(model_uri=uri, name=config.name, version=int(version.version), alias=config.alias)
+
+
+# ---------------------------------------------------------------- the table of kinds
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type
+    fn: Callable[..., Any]
+    roles: tuple[str, ...]  # the inputs it takes
+    required: tuple[str, ...] = ()
+    num_cpus: float = 1.0
+    # (config as plain data, {role: upstream step name}) -> the data with each input's placeholder written in
+    fill: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = field(default=lambda data, inputs: data)
+
+
+def _fill_pretrain(data: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
+    data = {**data}
+    if "data" in inputs:
+        section = {k: v for k, v in (data.get("data") or {}).items() if k not in ("paths", "weights", "generator")}
+        data["data"] = {**section, "manifest": PLACEHOLDER + inputs["data"]}
+    if "init" in inputs:
+        data["train"] = {**(data.get("train") or {}), "init_from_hf": PLACEHOLDER + inputs["init"]}
+    return data
+
+
+def _fill_evaluate(data: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
+    data = {**data, "model": PLACEHOLDER + inputs["model"]}
+    if "stage1" in inputs:
+        data["stage1_model"] = PLACEHOLDER + inputs["stage1"]
+    return data
+
+
+KINDS: dict[str, Kind] = {
+    "curate": Kind(CurateConfig, curate_step, roles=(), num_cpus=0),
+    "pretrain": Kind(PretrainConfig, pretrain_step, roles=("data", "init"), num_cpus=0, fill=_fill_pretrain),
+    "upcycle": Kind(UpcycleConfig, upcycle_step, roles=("model",), required=("model",)),
+    "evaluate": Kind(
+        EvalConfig, evaluate_step, roles=("model", "stage1", "data"), required=("model",), fill=_fill_evaluate
+    ),
+    "register": Kind(RegisterConfig, register_step, roles=("model", "metrics"), required=("model",), num_cpus=0),
+}
+
+
+def output_path(folder: str | Path, record: Any, attribute: str) -> Path:
+    """A record's relative path made absolute against its step's output folder."""
+    return Path(folder) / getattr(record, attribute)
