@@ -496,7 +496,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from looplm.infra.configs import ConfigFileError
     from looplm.infra.mlflow_server import MlflowServerError, ensure_tracking_server
     from looplm.model.checkpoint import CheckpointError
-    from looplm.model.hub import ModelNotFoundError
+    from looplm.infra.registry import ModelNotFoundError
 
     try:
         config = load_config(EvalConfig, args.config, args.overrides)

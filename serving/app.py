@@ -16,7 +16,7 @@ Design choices:
 - A client that disconnects mid-stream cancels its handler; the stream's cleanup aborts the request, which
   frees its batch slot and KV blocks at the next engine step.
 - The model comes from a checkpoint folder in the Ouro HF layout (tokenizer.json inside) or an MLflow model URI
-  (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), resolved inside the replica with `looplm.model.hub`.
+  (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), resolved inside the replica with `looplm.infra.registry`.
 - Metrics are `ray.serve.metrics` (exported on Ray's metrics endpoint): requests by route and status,
   prompt and generated tokens, queue depth, KV blocks in use, time to first token, time per output token,
   and recurrent steps per generated token.

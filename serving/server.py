@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from looplm.model import load_pretrained
-from looplm.model.hub import resolve_model_dir
+from looplm.infra.registry import resolve_model_dir
 from looplm.model.tokenizer import CHAT_END, load_tokenizer
 
 from .engine import Engine, QueueFullError, RequestError, TokenEvent
