@@ -495,8 +495,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     any run exists; `--debug` (when the CLI passes it) shows its traceback. Anything else is a bug: traceback."""
     from looplm.infra.configs import ConfigFileError
     from looplm.infra.mlflow_server import MlflowServerError, ensure_tracking_server
-    from looplm.model.checkpoint import CheckpointError
     from looplm.infra.registry import ModelNotFoundError
+    from looplm.model.checkpoint import CheckpointError
 
     try:
         config = load_config(EvalConfig, args.config, args.overrides)

@@ -16,8 +16,8 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from looplm.model import load_pretrained
 from looplm.infra.registry import resolve_model_dir
+from looplm.model import load_pretrained
 from looplm.model.tokenizer import CHAT_END, load_tokenizer
 
 from .engine import Engine, QueueFullError, RequestError, TokenEvent
