@@ -158,7 +158,11 @@ def test_rayjob_runs_an_experiment_on_a_kuberay_cluster():
     assert DNS_LABEL.match(job["metadata"]["name"])
     spec = job["spec"]
     assert set(spec) <= RAYJOB_SPEC, f"unknown RayJob fields {set(spec) - RAYJOB_SPEC}"
-    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert set(runtime_env) <= RuntimeEnv.known_fields, "Ray would take an unknown key for a plugin's"
+    RuntimeEnv(**runtime_env)  # Ray's own checks of the known fields' types
     assert spec["shutdownAfterJobFinishes"] is True  # the cluster goes when the job ends
     check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob.spec.rayClusterSpec")
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
