@@ -13,8 +13,9 @@ Three tables, each measured side by side in one run:
    keys of early-exited tokens are the full computation's), the mean exit step, and the loop work saved
    (1 - mean steps / T); then the engine decoding at the best threshold within 1% of full-depth NLL, its
    measured layer calls per token against full depth.
-3. KV bytes per token for each strategy and its quality gap on the trained model: greedy agreement with
-   per_step over the generated tokens, at full depth.
+3. KV bytes per token for each strategy and its quality gap on the trained model, at full depth: greedy
+   agreement with per_step over the generated tokens, and the held-out NLL when the held-out text is fed
+   token by token through each strategy's cache (the reference model's cache and decode step).
 
 The machine is shared and noisy: read absolute times as upper bounds; the ratios were measured in one run.
 """
@@ -183,12 +184,49 @@ def early_exit_table(model: LoopLM, valid: torch.Tensor, thresholds, prompt_len:
     return best
 
 
+@torch.no_grad()
+def teacher_forced_nll(model: LoopLM, rows: torch.Tensor, prefix: int, strategy: str) -> float:
+    """Mean NLL of rows[:, prefix:] fed one token at a time through a KV cache of `strategy` (full depth), with
+    the reference model's own cache and decode step: the quality a strategy keeps when decoding."""
+    from looplm.model.generation import _decode_one
+    from looplm.model.kv_cache import KVCache
+
+    config, steps = model.config, model.config.total_ut_steps
+    batch, length = rows.shape
+    out = model(rows[:, :prefix], steps, return_logits=False, return_kv=True)
+    cache = KVCache(
+        strategy,
+        num_layers=config.num_hidden_layers,
+        num_steps=steps,
+        batch=batch,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.attention_head_dim,
+        capacity=length,
+        dtype=out.hidden_states[0].dtype,
+    )
+    cache.prefill(out.kv)
+    h, total = out.hidden_states[-1][:, -1], 0.0
+    for position in range(prefix, length):
+        target = rows[:, position]
+        total += torch.nn.functional.cross_entropy(model.lm_head(h).float(), target, reduction="sum").item()
+        if position == length - 1:
+            break
+        positions = torch.full((batch,), position)
+        h, exits = _decode_one(model, cache, target, positions, None, None, steps, QExit(1.0))
+        cache.commit(exits, None)
+    return total / (batch * (length - prefix))
+
+
 def kv_table(model: LoopLM, valid: torch.Tensor, prompt_len: int, max_tokens: int) -> None:
     prompts = [row[:prompt_len] for row in valid.tolist()]
     print(f"\n## KV strategies on the trained tiny model ({len(prompts)} held-out prompts x {max_tokens} tokens)")
-    print("| strategy | KV bytes / token (fp32) | greedy agreement with per_step (positions) | same full output |")
-    print("|---|---|---|---|")
+    print(
+        "| strategy | KV bytes / token (fp32) | greedy agreement with per_step | identical outputs "
+        "| held-out NLL, teacher-forced | NLL gap vs per_step |"
+    )
+    print("|---|---|---|---|---|---|")
     base = engine_run(model, prompts, max_tokens, len(prompts), "per_step")
+    base_nll = teacher_forced_nll(model, valid, prompt_len, "per_step")
     for strategy in ("per_step", "last_step", "average"):
         run = base if strategy == "per_step" else engine_run(model, prompts, max_tokens, len(prompts), strategy)
         pairs = [
@@ -196,7 +234,12 @@ def kv_table(model: LoopLM, valid: torch.Tensor, prompt_len: int, max_tokens: in
         ]
         agree = sum(a == b for a, b in pairs) / len(pairs)
         same = sum(x == y for x, y in zip(run["outputs"], base["outputs"], strict=True))
-        print(f"| {strategy} | {run['stats'].kv_bytes_per_token} | {agree:.1%} | {same}/{len(prompts)} |")
+        nll = base_nll if strategy == "per_step" else teacher_forced_nll(model, valid, prompt_len, strategy)
+        print(
+            f"| {strategy} | {run['stats'].kv_bytes_per_token} | {agree:.1%} | {same}/{len(prompts)} "
+            f"| {nll:.4f} | {(nll - base_nll) / base_nll:+.2%} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -207,7 +250,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on a shared machine)")
-    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the early-exit and KV tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(

@@ -12,9 +12,9 @@ Design choices:
 - Real early exit. A decode step runs the shared stack pass by pass; after each pass the per-request exit
   rule (Q-exit at the request's threshold, or its static depth) drops the rows that stop, and the next pass
   runs only the rows still looping. Skipped passes are never computed. Prefill runs every step, as in the
-  reference (every step needs its own prompt keys). All rows start a token at pass 1 together: measured on
-  CPU, one batched pass over the rows at a given depth is what the matmuls want; mixing depths in one pass
-  was not built.
+  reference (every step needs its own prompt keys). All rows start a token at pass 1 together, so a pass
+  holds rows at one depth; letting a row at loop 3 share a pass with another request's loop 1 (which needs
+  per-row cache slots within one layer call) is neither built nor measured.
 - The reference semantics. Prefill, the exit decision (`select_exit_steps` on the prompt's last position),
   the per-pass decision while decoding, the KV strategies and sampling (`sample_next`, one generator per
   request) are those of `looplm.model.generation.generate`, so a request's tokens equal the reference's for

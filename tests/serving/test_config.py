@@ -34,3 +34,22 @@ def test_bad_serving_configs_name_the_problem(tmp_path):
         build({"model": str(tmp_path)})
     with pytest.raises(ValueError, match="args.model"):
         build({})
+
+
+def test_chat_template_comes_from_the_tokenizer_config(tmp_path):
+    import json
+
+    from looplm.serving.openai_api import ChatMessage, render_chat
+    from looplm.serving.server import _chat_template
+
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    assert _chat_template(tmp_path) is None  # no tokenizer_config.json: ChatML
+    assert render_chat(messages, None) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    assert render_chat(messages, _chat_template(tmp_path)) == "[system] Be brief.\n[user] Hi\n[assistant]"
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        _chat_template(tmp_path)
