@@ -96,10 +96,10 @@ class ParallelConfig:
                     "transformer_impl='local': a recomputed forward would advance the amax history and quantise with "
                     "another scale than the first forward; use fp8_recipe='tensorwise' or recompute='none'"
                 )
-        elif self.fp8_recipe == "delayed" and self.fp8_first_last_layers_bf16:
+        if self.fp8_recipe == "delayed" and self.fp8_first_last_layers_bf16:
             raise ConfigError(
-                "fp8_first_last_layers_bf16 is not available with fp8_recipe='delayed' on transformer_engine "
-                "(megatron opens one autocast around all layers for delayed scaling); use 'tensorwise'"
+                "fp8_first_last_layers_bf16 is not available with fp8_recipe='delayed': megatron's TransformerConfig "
+                "rejects it (TE opens one autocast around all layers for delayed scaling); use 'tensorwise'"
             )
 
     @property

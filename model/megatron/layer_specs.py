@@ -128,6 +128,8 @@ def sandwich_layer_spec(transformer_impl: str, fp8_recipe: Any = None) -> Module
     """The layer; with `fp8_recipe` (an fp8.FP8Recipe, local impl) its four linears are fp8.py's FP8 linears."""
     norm, column_linear, row_linear, core_attention = _backend(transformer_impl)
     if fp8_recipe is not None:
+        if transformer_impl != "local":
+            raise ConfigError("the FP8 linear is the local spec's; transformer_engine takes FP8 from the config")
         from .fp8 import FP8ColumnParallelLinear, FP8RowParallelLinear
 
         column_linear = ModuleSpec(module=FP8ColumnParallelLinear, params={"fp8_recipe": fp8_recipe})
