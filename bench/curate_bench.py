@@ -1,8 +1,15 @@
-"""Curation throughput: the whole pipeline on Ray Data, each per-document step alone, and MinHash dedup alone
-(ours in numpy against datasketch's), on generated documents with planted defects. Prints a table.
+"""Curation throughput. Two modes:
 
-    python bench/curate_bench.py --docs 100000 --cpus 2
+    python bench/curate_bench.py --real CORPUS [--docs 2000 --rounds 2 --cpus 2]
+    python bench/curate_bench.py --docs 100000 --cpus 2          # GENERATED documents
 
+--real: looplm and datatrove 0.10.1 side by side on real text (a folder from `bench/real_corpus.py corpus`), the
+same stages on the same shards (bench/curate_real.py), each run in its own process, interleaved (the order
+alternates each round), timed end to end (Ray or datatrove's executor start included) with the peak memory of the
+whole process tree (PSS, so shared memory counts once). Prints each run and the ratios of the medians.
+
+Without --real: the generated corpus (web-like pages with planted defects, not real text; its figures are
+labelled as such in BENCHMARKS.md):
 Not a test: the figures go to BENCHMARKS.md. Per-step and MinHash figures are single-core, in process, on a
 sample; the pipeline figure is end to end (generation, every step, tokenizer training, packing, report) on a
 local Ray with `--cpus` CPUs, reported per core.
@@ -11,6 +18,7 @@ local Ray with `--cpus` CPUs, reported per core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -49,7 +57,7 @@ def per_step(sample: pd.DataFrame, config) -> list[tuple[str, float]]:
     c.langid_stage(sample.head(10).pipe(c.validate_stage, config.input), config.langid, skips)  # load the model
     stages = [
         ("validate", lambda b: c.validate_stage(b, config.input)),
-        ("normalize", lambda b: c.normalize_stage(b, skips)),
+        ("normalize", lambda b: c.normalize_stage(b, config.input, skips)),
         ("langid", lambda b: c.langid_stage(b, config.langid, skips)),
         ("quality (4 filters)", lambda b: c.quality_stage(b, config.quality, skips)),
         ("hash + minhash", lambda b: c.hash_stage(b, config.minhash, skips)),
@@ -91,13 +99,108 @@ def minhash_bench(texts: list[str]) -> list[tuple[str, float]]:
     return results
 
 
+def _tree_pss(root) -> int:
+    """Proportional set size of a process and all its descendants, in bytes (0 for those that vanished)."""
+    import psutil
+
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            total += proc.memory_full_info().pss
+    return total
+
+
+def run_side(side: str, inputs: str, work: str, cpus: int, env: dict) -> dict:
+    """One run of bench/curate_real.py in its own process, sampling its process tree's memory every 0.5 s."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curate_real.py")
+    command = [sys.executable, script, side, inputs, work, "--cpus", str(cpus)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_pss(root))
+        time.sleep(0.5)
+    out = proc.stdout.read().strip().splitlines()
+    if proc.returncode != 0 or not out:
+        return {"side": side, "failed": proc.returncode}
+    return {**json.loads(out[-1]), "peak_bytes": peak}
+
+
+def real(args) -> None:
+    import json
+    import shutil
+    import statistics
+    import subprocess
+    from pathlib import Path
+
+    inputs = Path(tempfile.mkdtemp(prefix="curate-real-in-"))
+    records = []
+    for path in sorted(Path(args.real).glob("part-*.jsonl")):
+        records += path.read_text(encoding="utf-8").splitlines()
+        if len(records) >= args.docs:
+            break
+    records = records[: args.docs]
+    shard = 250  # datatrove runs a task per file; looplm's reader a task per file too
+    for n, start in enumerate(range(0, len(records), shard)):
+        (inputs / f"part-{n:05d}.jsonl").write_text("\n".join(records[start : start + shard]) + "\n")
+    cases = [("looplm", {}), ("datatrove", {})]
+    if args.nice15:  # Ray's default worker niceness, to show what it costs on a loaded machine
+        cases.append(("looplm", {"RAY_worker_niceness": "15"}))
+    runs = []
+    for round_ in range(args.rounds):
+        order = cases if round_ % 2 == 0 else cases[::-1]
+        for side, extra in order:
+            work = tempfile.mkdtemp(prefix=f"curate-real-{side}-")
+            load = os.getloadavg()[0]
+            result = run_side(side, str(inputs), work, args.cpus, {**os.environ, **extra})
+            result["case"] = side + (" (workers nice 15)" if extra else "")
+            result["load"] = round(load, 1)
+            runs.append(result)
+            print(json.dumps(result), flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(inputs, ignore_errors=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\n## Curation on real text: looplm vs datatrove 0.10.1 ({len(records)} documents from {args.real}, "
+          f"{args.cpus} CPUs, {args.rounds} interleaved rounds, commit {commit}, "
+          f"os.cpu_count()={os.cpu_count()})\n")  # fmt: skip
+    print("| case | runs | docs/s (median) | seconds (median) | peak memory, PSS (median) | kept | load avg at start |")
+    print("|---|---|---|---|---|---|---|")
+    medians = {}
+    for case in dict.fromkeys(r["case"] for r in runs):
+        done = [r for r in runs if r["case"] == case and "seconds" in r]
+        failed = sum(1 for r in runs if r["case"] == case and "failed" in r)
+        if not done:
+            print(f"| {case} | {failed} failed | | | | | |")
+            continue
+        seconds = statistics.median(r["seconds"] for r in done)
+        peak = statistics.median(r["peak_bytes"] for r in done)
+        medians[case] = (done[0]["docs"] / seconds, peak)
+        loads = ", ".join(str(r["load"]) for r in done)
+        print(f"| {case} | {len(done)}{f' (+{failed} failed)' if failed else ''} | {done[0]['docs'] / seconds:.1f} | "
+              f"{seconds:.1f} | {peak / 2**30:.2f} GiB | {done[0]['kept']} | {loads} |")  # fmt: skip
+    if "looplm" in medians and "datatrove" in medians:
+        (ours, our_peak), (theirs, their_peak) = medians["looplm"], medians["datatrove"]
+        print(f"\nlooplm / datatrove: docs/s {ours / theirs:.2f}x, peak memory {our_peak / their_peak:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--real", default=None, help="corpus folder (bench/real_corpus.py): vs datatrove")
+    parser.add_argument("--rounds", type=int, default=2, help="--real: interleaved rounds")
+    parser.add_argument("--nice15", action="store_true", help="--real: also run looplm with Ray's nice-15 workers")
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--sample", type=int, default=5000, help="documents for the single-core step timings")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    if args.real:
+        return real(args)
 
     from looplm.pipelines.curate import run
     from looplm.pipelines.sources import COLUMNS, generated_records

@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+PHASES: dict[str, float] = {}  # looplm's own timer per phase, printed with the result
+
 
 def run_looplm(inputs: Path, work: Path, cpus: int) -> int:
     from looplm.pipelines.curate import CurateConfig, run
@@ -30,6 +32,7 @@ def run_looplm(inputs: Path, work: Path, cpus: int) -> int:
         expect=YieldConfig(on_low_yield="warn"),
     )
     report = run(config, work / "looplm")
+    PHASES.update(report["seconds_per_phase"], pipeline_seconds=report["seconds"])
     return report["documents_kept"]
 
 
@@ -129,7 +132,7 @@ def main() -> None:
     started = time.perf_counter()
     kept = (run_looplm if args.side == "looplm" else run_datatrove)(args.inputs, args.work, args.cpus)
     seconds = time.perf_counter() - started
-    print(json.dumps({"side": args.side, "docs": docs, "kept": kept, "seconds": round(seconds, 2)}))
+    print(json.dumps({"side": args.side, "docs": docs, "kept": kept, "seconds": round(seconds, 2), "phases": PHASES}))
 
 
 if __name__ == "__main__":

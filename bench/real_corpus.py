@@ -255,11 +255,13 @@ def main() -> None:
     elif args.command == "testset":
         build_testset(args.corpus, args.out, args.docs)
     else:
-        from looplm.pipelines.curation.quality import FineWebConfig, QualityConfig
+        from looplm.pipelines.curation.quality import FineWebConfig, GopherQualityConfig, QualityConfig
 
         items = [json.loads(line) for line in args.testset.open(encoding="utf-8")]
-        as_datatrove = QualityConfig(fineweb=FineWebConfig(released=False))
-        print("| filter | looplm (defaults) differs from datatrove 0.10.1 | looplm, fineweb.released=false |")
+        as_datatrove = QualityConfig(
+            gopher_quality=GopherQualityConfig(alpha_words="fineweb"), fineweb=FineWebConfig(released=False)
+        )
+        print("| filter | looplm (defaults) differs from datatrove 0.10.1 | looplm, datatrove's readings |")
         print("|---|---:|---:|")
         default, strict = disagreement(items), disagreement(items, as_datatrove)
         for step, (differ, n) in default.items():

@@ -2,10 +2,10 @@
 
 tests/pipelines/data/filters_real.jsonl: English documents from Debian and PyPI packages (man pages, licences,
 changelogs, docstrings, fortunes), each with the verdict of each of datatrove 0.10.1's filters run alone with
-FineWeb's settings, made by `bench/real_corpus.py testset` (datatrove is not needed here). Every verdict must match:
-Gopher repetition, Gopher quality, C4, and FineWeb with `released=false` (datatrove 0.10.1's line endings); the
-default FineWeb rules (as FineWeb was made) differ on purpose, only where a line ends in a quote or a ratio sits on
-a threshold."""
+FineWeb's settings, made by `bench/real_corpus.py testset` (datatrove is not needed here). Every verdict must match
+with the options that select datatrove's readings: Gopher repetition, C4, Gopher quality with
+`alpha_words="fineweb"` and FineWeb with `released=false`. The defaults differ on purpose (the Gopher paper's words
+with a letter; FineWeb's rules as FineWeb was made), and only where documented."""
 
 import json
 from pathlib import Path
@@ -24,7 +24,9 @@ from looplm.pipelines.curation.words import count_sentences, split_words
 
 TESTSET = Path(__file__).parent / "data" / "filters_real.jsonl"
 ITEMS = [json.loads(line) for line in TESTSET.open(encoding="utf-8")]
-AS_DATATROVE = QualityConfig(fineweb=FineWebConfig(released=False))
+AS_DATATROVE = QualityConfig(
+    gopher_quality=GopherQualityConfig(alpha_words="fineweb"), fineweb=FineWebConfig(released=False)
+)
 
 
 def test_the_test_set_is_real_and_varied():
@@ -70,10 +72,24 @@ def test_words_and_sentences_split_as_spacy():
     assert count_sentences("Ends with a stop.") == 1
 
 
+def test_gopher_quality_default_departs_only_on_words_with_a_letter():
+    """The default (the Gopher paper's words with a letter) differs from datatrove only by that rule: wherever
+    the verdicts differ, datatrove's reason is the alpha threshold."""
+    differ = 0
+    for item in ITEMS:
+        ours = gopher_quality(item["text"], GopherQualityConfig())[0]
+        if bool(ours) != bool(item["datatrove_0_10_1"]["gopher_quality"]):
+            differ += 1
+            assert item["datatrove_0_10_1"]["gopher_quality"] == "gopher_below_alpha_threshold" or (
+                "words with a letter" in ours
+            ), item["id"]
+    assert differ > 0
+
+
 def test_gopher_alpha_words_follow_the_chosen_reference():
     # 100 words, each with a letter, and 50 commas and full stops: the FineWeb pipeline counts every punctuation
     # token as a word without a letter (2/3 have one), the Gopher paper's whitespace-separated words all have one.
     text = " ".join(["Weather, rain, wind, clouds, the coast and hills with snow."] * 10)
-    fineweb_reason = gopher_quality(text, GopherQualityConfig())[0]
-    gopher_reason = gopher_quality(text, GopherQualityConfig(alpha_words="gopher"))[0]
+    fineweb_reason = gopher_quality(text, GopherQualityConfig(alpha_words="fineweb"))[0]
+    gopher_reason = gopher_quality(text, GopherQualityConfig())[0]
     assert "words with a letter" in fineweb_reason and gopher_reason == ""
