@@ -320,7 +320,7 @@ def test_kill_9_of_the_driver_mid_training_resumes_from_the_last_checkpoint(pipe
         assert resumed[step]["grad_norm"] == record["grad_norm"], step
 
 
-def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(pipeline, tmp_path):
+def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(tmp_path):
     from looplm.infra.mlflow_server import free_port
 
     temp = Path("/tmp") / f"looplm-job-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
@@ -333,7 +333,7 @@ def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(pip
     head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
     head += [f"--temp-dir={temp}", "--disable-usage-stats"]
     root = tmp_path / "job-root"
-    overrides = [*small_overrides(root, pipeline.eval_text), "steps.curate.config.sources.bios.count=40"]
+    overrides = [*small_overrides(root, tmp_path / "unused.jsonl"), "steps.curate.config.sources.bios.count=40"]
     try:
         started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
@@ -342,7 +342,12 @@ def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(pip
         # The head runs this checkout's environment, so the job's Python is ours (on a cluster: the image's).
         submit += [sys.executable, "-m", "looplm.platform.cli", "run", "configs/demo.yaml", *overrides]
         submit += ["--until", "curate"]
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        deadline = time.monotonic() + 120
+        while True:  # the head's dashboard agent comes up a little after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0 and "SUCCEEDED" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
     finally:
         for process in psutil.process_iter(["cmdline"]):  # the head's processes, by pid: those of its temp dir
