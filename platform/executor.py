@@ -87,6 +87,9 @@ class Step:
     inputs: Mapping[str, Step] = field(default_factory=dict)  # role -> upstream step
     num_cpus: float = 1.0  # 0 for steps that only orchestrate Ray work (Ray Data, Ray Train) from inside the task
     version: int = 0  # bump when the function's result changes for the same config
+    # False for a step whose result is a live thing rather than files (a Serve deployment): it runs every time,
+    # since a cached record would name an endpoint that may be gone.
+    cacheable: bool = True
 
 
 @dataclass(frozen=True)
@@ -537,14 +540,16 @@ def plan(steps: Iterable[Step], storage: Storage, force: Iterable[str] = ()) -> 
         signature = step_signature(step, hashes)
         hashes[step.name] = digest(signature)
         folder = storage.join(f"{step.name}-{hashes[step.name]}")
-        done = storage.exists(storage.sub(folder, SUCCESS))
+        done = step.cacheable and storage.exists(storage.sub(folder, SUCCESS))
         reasons: list[str] = []
-        if step.name in forced:
+        if not step.cacheable:
+            reasons.append("never cached (its result is a live service, not files)")
+        elif step.name in forced:
             reasons.append("forced" if step.name in set(force) else "downstream of a forced step")
         elif not done:
             reasons.extend(explain(step.name, signature, folder, storage))
         action = "skip" if done and step.name not in forced else "run"
-        fresh = step.name in forced
+        fresh = step.name in forced or not step.cacheable
         planned.append(PlannedStep(step, hashes[step.name], folder, action, tuple(reasons), fresh))
     return planned
 

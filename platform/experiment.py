@@ -134,6 +134,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
             config,
             inputs={role: steps[upstream] for role, upstream in inputs.items()},
             num_cpus=kind.num_cpus,
+            cacheable=kind.cacheable,
         )
     stray = [o for o in step_overrides if not any(o.startswith(f"steps.{name}.config.") for name in steps)]
     if stray:

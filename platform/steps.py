@@ -273,6 +273,7 @@ class Kind:
     roles: tuple[str, ...]  # the inputs it takes
     required: tuple[str, ...] = ()
     num_cpus: float = 1.0
+    cacheable: bool = True  # False: runs every time (a deploy step: its endpoint lives only while served)
     # (config as plain data, {role: upstream step name}) -> the data with each input's placeholder written in
     fill: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = field(default=lambda data, inputs: data)
 
@@ -302,6 +303,8 @@ KINDS: dict[str, Kind] = {
         EvalConfig, evaluate_step, roles=("model", "stage1", "data"), required=("model",), fill=_fill_evaluate
     ),
     "register": Kind(RegisterConfig, register_step, roles=("model", "metrics"), required=("model",), num_cpus=0),
+    # deploy (the serving issue): Kind(DeployConfig, deploy_step, roles=("model",), required=("model",),
+    # num_cpus=0, cacheable=False), returning an Endpoint record, and a `deploy` entry in configs/demo.yaml.
 }
 
 

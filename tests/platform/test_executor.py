@@ -197,3 +197,13 @@ def test_a_root_on_a_pyarrow_filesystem(tmp_path, step_cache):
         assert again.records["sum"] == Total(20, 1) and [r[1] for r in again.table] == ["cached", "run"]
     finally:
         del os.environ["LOOPLM_STEP_CACHE"]
+
+
+def test_a_step_that_is_never_cached_runs_every_time_and_its_inputs_stay_cached(tmp_path):
+    count = Step("count", write_numbers, CountConfig())
+    live = Step("sum", add_numbers, SumConfig(), inputs={"numbers": count}, cacheable=False)
+    first = run_steps([live], tmp_path)
+    second = run_steps([live], tmp_path)
+    assert [row[1] for row in first.table] == ["run", "run"] and [row[1] for row in second.table] == ["cached", "run"]
+    assert second.records["sum"] == Total(10, 1)  # from an emptied folder each time
+    assert "never cached" in format_plan(plan([live], Storage.at(tmp_path)))

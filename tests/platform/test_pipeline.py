@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -320,7 +321,7 @@ def test_kill_9_of_the_driver_mid_training_resumes_from_the_last_checkpoint(pipe
         assert resumed[step]["grad_norm"] == record["grad_norm"], step
 
 
-def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(pipeline, tmp_path):
+def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(tmp_path):
     from looplm.infra.mlflow_server import free_port
 
     temp = Path("/tmp") / f"looplm-job-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
@@ -328,22 +329,35 @@ def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(pip
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.pop("MLFLOW_TRACKING_URI", None)
-    ray = str(Path(sys.executable).parent / "ray")
-    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
+    # Ray's CLI through this interpreter (not the `ray` script, whose shebang may name another environment's Python):
+    # the head's workers then run the Python, and the looplm, that this test imports.
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    head = [*ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
     head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
     head += [f"--temp-dir={temp}", "--disable-usage-stats"]
+    # Every fixed default port free-picked: other Ray clusters on this host hold the defaults (the dashboard
+    # agent's 52365 taken means "No available agent to submit job").
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"):
+        head.append(f"--{flag}={free_port()}")
+    head += [f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     root = tmp_path / "job-root"
-    overrides = [*small_overrides(root, pipeline.eval_text), "steps.curate.config.sources.bios.count=40"]
+    overrides = [*small_overrides(root, tmp_path / "unused.jsonl"), "steps.curate.config.sources.bios.count=40"]
     try:
         started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
-        submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", f"--working-dir={REPO}"]
+        submit = [*ray, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", f"--working-dir={REPO}"]
         submit += ["--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}), "--"]
         # The head runs this checkout's environment, so the job's Python is ours (on a cluster: the image's).
         submit += [sys.executable, "-m", "looplm.platform.cli", "run", "configs/demo.yaml", *overrides]
         submit += ["--until", "curate"]
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-        assert job.returncode == 0 and "SUCCEEDED" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
+        deadline = time.monotonic() + 120
+        while True:  # the head's dashboard agent comes up a little after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        said = job.stdout + job.stderr
+        assert job.returncode == 0 and re.search(r"Job '\w+' succeeded", said), said[-6000:]
     finally:
         for process in psutil.process_iter(["cmdline"]):  # the head's processes, by pid: those of its temp dir
             if any(str(temp) in part for part in process.info["cmdline"] or []):
@@ -351,7 +365,7 @@ def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(pip
         shutil.rmtree(temp, ignore_errors=True)
     experiment = load_experiment(DEMO, overrides)
     where = {p.step.name: p.folder for p in plan([experiment.step("curate")], Storage.at(experiment.root))}
-    assert where["curate"] in job.stdout  # the executor's table, printed by the job
+    assert where["curate"] in said  # the executor's table, printed by the job
     assert (Path(where["curate"]) / SUCCESS).exists()
     assert (Path(where["curate"]) / "curated" / "mixture.json").exists()
 
