@@ -27,7 +27,7 @@ RECOMPUTE = ("none", "layer", "loop")
 class ParallelConfig:
     tensor_parallel: int = 1
     sequence_parallel: bool = False  # shard norms/residual activations along the sequence (needs TP > 1)
-    pipeline_parallel: int = 1  # the next issue: each microbatch travels the pipeline T times
+    pipeline_parallel: int = 1  # stages of the N layers; each micro-batch travels the pipeline T times (pipeline.py)
     transformer_impl: str = "local"  # "local": torch modules, CPU and GPU; "transformer_engine": TE modules
     precision: str = "auto"  # "auto": bf16 with CUDA, fp32 without; "bf16" also runs on CPU (slowly; tests)
     fp8: str | None = None  # the next issue (TE on Hopper); asked for now it is an error, never silently dropped
@@ -48,8 +48,6 @@ class ParallelConfig:
             raise ConfigError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
-        if self.pipeline_parallel != 1:
-            raise ConfigError("pipeline_parallel > 1 is not implemented yet (the looped pipeline is the next issue)")
         if self.fp8 is not None:
             raise ConfigError(f"fp8={self.fp8!r}: FP8 is not implemented yet; it needs transformer_engine on a GPU")
 
@@ -74,6 +72,11 @@ class ParallelConfig:
             raise ConfigError(f"tensor_parallel ({tp}) does not divide intermediate_size ({model.intermediate_size})")
         if model.vocab_size % tp:
             raise ConfigError(f"tensor_parallel ({tp}) does not divide vocab_size ({model.vocab_size})")
+        if model.num_hidden_layers % self.pipeline_parallel:
+            raise ConfigError(
+                f"pipeline_parallel ({self.pipeline_parallel}) does not divide num_hidden_layers "
+                f"({model.num_hidden_layers})"
+            )
         if model.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=True is not supported by the Megatron LoopLM (Ouro is untied)")
 

@@ -148,6 +148,9 @@ def sandwich_layer_spec(transformer_impl: str) -> ModuleSpec:
 
 
 def block_spec(config: TransformerConfig, transformer_impl: str) -> TransformerBlockSubmodules:
-    """The N-layer stack; its final norm is the LoopLM's, applied after every pass, so the block has none."""
+    """This pipeline stage's share of the N-layer stack (all of it without PP); its final norm is the LoopLM's,
+    applied after every pass, so the block has none."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
     layer = sandwich_layer_spec(transformer_impl)
-    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=None)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=None)

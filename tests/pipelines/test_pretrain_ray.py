@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 
 from looplm.infra.configs import load_config
 from looplm.pipelines.pretrain import launch
@@ -18,14 +19,34 @@ TINY = str(ROOT / "configs" / "train-tiny-cpu.yaml")
 SMALL = ["data.seq_len=32", "data.micro_batch_size=4", "data.global_batch_size=8", "train.log_interval=2"]
 
 
+class FailOnce:
+    """A worker callback: rank 1 raises once, when step `step` is logged (a marker file makes it once per job)."""
+
+    def __init__(self, step: int, marker: Path):
+        self.step, self.marker = step, marker
+
+    def __call__(self, record: dict) -> None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1 and record.get("step", 0) >= self.step and not self.marker.exists():
+            self.marker.write_text(f"worker failure injected at step {record['step']}\n")
+            raise RuntimeError(f"injected worker failure at step {record['step']} (test of FailureConfig)")
+
+
+# Ray workers cannot import this test module: ship the callback's class by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["torch", "megatron"])
 def test_two_worker_job_survives_an_injected_worker_failure_by_resuming(tmp_path, optimizer):
     overrides = SMALL + ["launch.data_parallel=2", "train.steps=16", "train.checkpoint_interval=5"]
     overrides.append(f"optim.implementation={optimizer}")  # megatron: the DistributedOptimizer's sharded state
     config = load_config(PretrainConfig, TINY, overrides)
-    result = launch(config, tmp_path / "run", inject_failure_at_step=10)
-    assert result.restarts == 1
+    result = launch(config, tmp_path / "run", worker_callbacks=[FailOnce(10, tmp_path / "failed-once")])
+    assert result.restarts == 1  # counted from the failures Ray Train reported, not from the marker
+    (failure,) = [json.loads(line) for line in (tmp_path / "run" / "worker_failures.jsonl").read_text().splitlines()]
+    assert failure["ranks"] == [1] and "injected worker failure at step 10" in failure["errors"]["1"]
     assert result.checkpoint is not None and result.checkpoint.name == "step_00000016"
     steps = [r["step"] for r in result.records if "loss" in r]
     assert steps == list(range(2, 17, 2))
