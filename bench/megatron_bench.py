@@ -20,9 +20,10 @@ The target is looped / unrolled <= 1.05.
 
 Table 3 (`--pipeline`), the looped pipeline (DESIGN.md decision 3): one Stage I step (forward + backward of M
 micro-batches through megatron's schedule, pipelines.training.step) at PP=1 on 1 process and PP=2 on 2 processes,
-T=4, median of repeats; the bubble is the step time above a perfect split of the PP=1 step over P stages,
-t_PP2 * P / t_PP1 - 1 (it includes p2p time), next to the interleaved schedule's (P-1)/(M*T) and 1F1B's (P-1)/M.
-Two processes on a 2-core host shared with other work: read ratios, not absolutes.
+T=4, median of repeats. The bubble is measured on each rank as (step wall time - time in the schedule's
+forward_step and backward_step) / that compute time, averaged over ranks (it includes p2p time), next to the
+interleaved schedule's (P-1)/(M*T) and 1F1B's (P-1)/M. Two processes on a 2-core host shared with other work:
+read ratios, not absolutes.
 """
 
 from __future__ import annotations
@@ -180,6 +181,24 @@ def _pipeline_rank(rank: int, world: int, port: int, args: tuple, result_file: s
 
     cpu_shim.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Compute time per rank: the schedule's forward_step and backward_step, timed (bench only). The rest of a
+    # step's wall time on a rank is waiting for the other stages (the bubble) and p2p.
+    from megatron.core.pipeline_parallel import schedules
+
+    busy = [0.0]
+
+    def timed(fn):
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                busy[0] += time.perf_counter() - start
+
+        return run
+
+    schedules.forward_step = timed(schedules.forward_step)
+    schedules.backward_step = timed(schedules.backward_step)
     preset, layers, seq, micro_batch, microbatch_counts, steps, repeats = args
     parallel = ParallelConfig(pipeline_parallel=world, precision="fp32")
     initialize_model_parallel(parallel, seed=0)
@@ -199,10 +218,12 @@ def _pipeline_rank(rank: int, world: int, port: int, args: tuple, result_file: s
         for _ in range(repeats + 1):  # the first is warm-up
             ddp.zero_grad_buffer()
             dist.barrier()
-            start = time.perf_counter()
+            busy[0], start = 0.0, time.perf_counter()
             forward_backward(ddp, batches, objective="stage1", num_steps=steps, beta=0.05)
-            dist.barrier()
-            times[microbatches].append(time.perf_counter() - start)
+            wall = time.perf_counter() - start
+            idle = torch.tensor([(wall - busy[0]) / busy[0]])  # this rank's bubble, as a share of its compute
+            dist.all_reduce(idle)
+            times[microbatches].append((wall, idle.item() / world))
         times[microbatches] = times[microbatches][1:]
     if rank == 0:
         torch.save(times, result_file)
@@ -221,20 +242,21 @@ def pipeline_table(preset: str, seq: int, micro_batch: int, repeats: int) -> Non
     print(f"\nlooped pipeline: preset {preset} with {layers} layers, T={steps}, seq {seq}, micro batch {micro_batch}")
     print(
         f"{'layout':<26}{'M':>4}{'ms/step':>10}{'tokens/s':>10}{'bubble':>9}{'interleaved':>13}{'1F1B':>7}"
-        f"{'  (bubbles: share of the ideal step)'}"
+        f"{'  (bubbles: idle / compute per rank)'}"
     )
     args = (preset, layers, seq, micro_batch, counts, steps, repeats)
-    samples: dict[int, dict[int, list[float]]] = {world: {m: [] for m in counts} for world in (1, stages)}
+    samples: dict[int, dict[int, list[tuple[float, float]]]] = {world: {m: [] for m in counts} for world in (1, stages)}
     for _ in range(2):  # alternate the layouts so that load changes hit both
         for world in samples:
             for microbatches, times in pipeline_step_seconds(world, args).items():
                 samples[world][microbatches] += times
     for microbatches in counts:
         tokens = microbatches * micro_batch * seq
-        single = statistics.median(samples[1][microbatches])
-        piped = statistics.median(samples[stages][microbatches])
+        single = statistics.median(wall for wall, _ in samples[1][microbatches])
+        piped = statistics.median(wall for wall, _ in samples[stages][microbatches])
+        measured = statistics.median(idle for _, idle in samples[stages][microbatches])
         for world, seconds in ((1, single), (stages, piped)):
-            bubble = f"{seconds * stages / single - 1:>9.2f}" if world > 1 else f"{'':>9}"
+            bubble = f"{measured:>9.3f}" if world > 1 else f"{'':>9}"
             theory = f"{(stages - 1) / (microbatches * steps):>13.3f}{(stages - 1) / microbatches:>7.3f}"
             label = f"PP={world} ({world} process{'es' if world > 1 else ''})"
             print(
