@@ -406,9 +406,10 @@ def naive_per_stage_loop_loss(reference, ids, labels, stages: int, steps: int) -
 
 
 def pipeline_training(rank: int, world_size: int, root: str, configs: dict, crash_at: int) -> dict:
-    """Trainer runs on 2 ranks around PP=2 (configs: "pp2" = PP=2, "pp1" = PP=1 x DP=2, same batches):
-    both straight; PP=2 crashed after `crash_at` then resumed at PP=2 and (a copy) at PP=1; PP=1 crashed then
-    resumed at PP=2. Then the model alone: PP=2 <-> PP=1 through save_model/load_model, compared exactly."""
+    """Trainer runs on 2 ranks around PP=2 (configs: "pp2" = PP=2, "pp1" = PP=1 x DP=2, same batches,
+    "pp2_megatron" = PP=2 with megatron-core's DistributedOptimizer): all three straight; PP=2 crashed after
+    `crash_at` then resumed at PP=2 and (a copy) at PP=1; PP=1 crashed then resumed at PP=2. Then the model
+    alone: PP=2 <-> PP=1 through save_model/load_model, compared exactly."""
     import shutil
     from pathlib import Path
 
@@ -423,7 +424,7 @@ def pipeline_training(rank: int, world_size: int, root: str, configs: dict, cras
     def run(name: str, output: str, crash: int | None = None) -> list:
         return train(rank, world_size, [(configs[name], f"{root}/{output}", crash)])[0]
 
-    out = {"pp2": run("pp2", "pp2"), "pp1": run("pp1", "pp1")}
+    out = {"pp2": run("pp2", "pp2"), "pp1": run("pp1", "pp1"), "pp2_megatron": run("pp2_megatron", "pp2-megatron")}
     out["pp2_crashed"] = run("pp2", "pp2-resumed", crash_at)
     if rank == 0:
         shutil.copytree(f"{root}/pp2-resumed", f"{root}/pp2-moved")

@@ -5,8 +5,9 @@ chunk t) against the single-process reference LoopLM: loss, per-step CE and ever
 PP=2 and PP=4 x DP=2 with T=4, and TP=2 x PP=2 x DP=2 (with and without sequence parallelism). The naive
 pipeline that loops each stage's own layers is a different function, which the same check rejects.
 
-Training: PP=2 trains like PP=1 (T changing mid-run, batch ramp), resumes exactly after a crash, and its
-checkpoints reshard to PP=1 and back (the model alone bitwise, training runs to rel 1e-5).
+Training: PP=2 trains like PP=1 (T changing mid-run, batch ramp; the same losses and gradient norms, with torch
+AdamW and with megatron-core's DistributedOptimizer), resumes exactly after a crash, and its checkpoints reshard
+to PP=1 and back (the model alone bitwise, training runs to rel 1e-5).
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def test_pipeline_training_matches_pp1_resumes_exactly_and_reshards(tmp_path):
     configs = {
         "pp2": load_config(PretrainConfig, tiny, [*common, "parallel.pipeline_parallel=2"]),
         "pp1": load_config(PretrainConfig, tiny, [*common, "launch.data_parallel=2", "data.micro_batch_size=1"]),
+        "pp2_megatron": load_config(
+            PretrainConfig, tiny, [*common, "parallel.pipeline_parallel=2", "optim.implementation=megatron"]
+        ),
     }
     (out, _) = run_ranks(pipeline_training, 2, tmp_path, root=str(tmp_path), configs=configs, crash_at=4)
     pp2, pp1 = _losses(out["pp2"]), _losses(out["pp1"])
@@ -90,6 +94,11 @@ def test_pipeline_training_matches_pp1_resumes_exactly_and_reshards(tmp_path):
     assert [r["global_batch_size"] for r in out["pp2"] if "loss" in r][:3] == [4, 4, 8]
     for step, loss in pp1.items():
         assert pp2[step] == pytest.approx(loss, rel=TOLERANCE), step
+    # The gradient norm covers both stages (and equals megatron's optimizer's own, over its groups).
+    norms = {name: [r["grad_norm"] for r in out[name] if "loss" in r] for name in ("pp1", "pp2", "pp2_megatron")}
+    assert norms["pp2"] == pytest.approx(norms["pp1"], rel=TOLERANCE)
+    assert norms["pp2_megatron"] == pytest.approx(norms["pp2"], rel=TOLERANCE)
+    assert _losses(out["pp2_megatron"]) == pytest.approx(pp2, rel=TOLERANCE)
     assert out["pp2"][-1]["valid_loss"] == pytest.approx(out["pp1"][-1]["valid_loss"], rel=TOLERANCE)
     # The HF export from the PP=2 layout is the PP=1 run's model.
     left = LoopLM.from_pretrained(tmp_path / "pp2" / "hf").state_dict()
