@@ -11,6 +11,7 @@ import pytest
 import ray.cloudpickle
 
 from looplm.infra.configs import load_config
+from looplm.model import LoopLM
 from looplm.pipelines.pretrain import launch
 from looplm.pipelines.training.config import PretrainConfig
 
@@ -115,3 +116,14 @@ def test_metrics_reach_mlflow_once_per_job_from_the_driver(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(2, 5.0), (4, 4.0)]
     assert client.get_metric_history(run.info.run_id, "valid_loss")[0].value == 4.1
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/training.png"]
+
+
+@pytest.mark.slow
+def test_the_worker_group_is_tensor_by_pipeline_by_data_parallel(tmp_path):
+    """PP=2 x DP=1: two Ray Train workers, one per pipeline stage; the job trains and exports the whole model."""
+    overrides = ["data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=4", "train.log_interval=1"]
+    overrides += ["parallel.pipeline_parallel=2", "train.steps=2", "loop.recurrent_steps=[[0, 2]]"]
+    result = launch(load_config(PretrainConfig, TINY, overrides), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in result.records if "loss" in r] == [1, 2] and result.restarts == 0
+    assert LoopLM.from_pretrained(tmp_path / "run" / "hf").config.num_hidden_layers == 2
