@@ -17,6 +17,13 @@ disturbed by other load on a shared machine):
   against the unrolled one (it does (T-1) more heads, so raw time is not comparable); then the same with
   activation recompute per layer and per loop pass (their extra forward is overhead, not model FLOPs).
 The target is looped / unrolled <= 1.05.
+
+Table 3 (`--pipeline`), the looped pipeline (DESIGN.md decision 3): one Stage I step (forward + backward of M
+micro-batches through megatron's schedule, pipelines.training.step) at PP=1 on 1 process and PP=2 on 2 processes,
+T=4, median of repeats. The bubble is measured on each rank as (step wall time - time in the schedule's
+forward_step and backward_step) / that compute time, averaged over ranks (it includes p2p time), next to the
+interleaved schedule's (P-1)/(M*T) and 1F1B's (P-1)/M. Two processes on a 2-core host shared with other work:
+read ratios, not absolutes.
 """
 
 from __future__ import annotations
@@ -45,9 +52,11 @@ def _rank_main(rank: int, world: int, port: int, overrides: list[str], out_dir: 
     import torch.distributed as dist
 
     from looplm.infra.configs import load_config
+    from looplm.model.megatron import cpu_shim
     from looplm.pipelines.training.config import PretrainConfig
     from looplm.pipelines.training.trainer import train_on_rank
 
+    cpu_shim.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     config = load_config(PretrainConfig, "configs/train-tiny-cpu.yaml", overrides)
     records = train_on_rank(config, out_dir)
@@ -86,10 +95,12 @@ def loop_cost(preset: str, seq: int, batch: int, steps: int, repeats: int) -> li
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from looplm.model import LoopLMConfig
+    from looplm.model.megatron import cpu_shim
     from looplm.model.megatron.config import ParallelConfig
     from looplm.model.megatron.distributed import initialize_model_parallel
     from looplm.model.megatron.model import MegatronLoopLM
 
+    cpu_shim.apply()
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel = ParallelConfig(precision="fp32")
     initialize_model_parallel(parallel, seed=0)
@@ -156,6 +167,104 @@ def loop_cost(preset: str, seq: int, batch: int, steps: int, repeats: int) -> li
     return [(name, min(samples[name]), flops[i]) for i, name in enumerate(variants)]
 
 
+def _pipeline_rank(rank: int, world: int, port: int, args: tuple, result_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from looplm.model import LoopLMConfig
+    from looplm.model.megatron import cpu_shim
+    from looplm.model.megatron.config import ParallelConfig
+    from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
+    from looplm.model.megatron.model import MegatronLoopLM
+    from looplm.pipelines.training.step import forward_backward
+
+    cpu_shim.apply()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Compute time per rank: the schedule's forward_step and backward_step, timed (bench only). The rest of a
+    # step's wall time on a rank is waiting for the other stages (the bubble) and p2p.
+    from megatron.core.pipeline_parallel import schedules
+
+    busy = [0.0]
+
+    def timed(fn):
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                busy[0] += time.perf_counter() - start
+
+        return run
+
+    schedules.forward_step = timed(schedules.forward_step)
+    schedules.backward_step = timed(schedules.backward_step)
+    preset, layers, seq, micro_batch, microbatch_counts, steps, repeats = args
+    parallel = ParallelConfig(pipeline_parallel=world, precision="fp32")
+    initialize_model_parallel(parallel, seed=0)
+    config = LoopLMConfig.preset(preset, num_hidden_layers=layers)
+    ddp = wrap_data_parallel(MegatronLoopLM(config, parallel), per_token_loss=True)
+    generator = torch.Generator().manual_seed(0)
+    times: dict[int, list[float]] = {}
+    for microbatches in microbatch_counts:
+        batches = [
+            (
+                torch.randint(0, config.vocab_size, (micro_batch, seq), generator=generator),
+                torch.randint(0, config.vocab_size, (micro_batch, seq), generator=generator),
+            )
+            for _ in range(microbatches)
+        ]
+        times[microbatches] = []
+        for _ in range(repeats + 1):  # the first is warm-up
+            ddp.zero_grad_buffer()
+            dist.barrier()
+            busy[0], start = 0.0, time.perf_counter()
+            forward_backward(ddp, batches, objective="stage1", num_steps=steps, beta=0.05)
+            wall = time.perf_counter() - start
+            idle = torch.tensor([(wall - busy[0]) / busy[0]])  # this rank's bubble, as a share of its compute
+            dist.all_reduce(idle)
+            times[microbatches].append((wall, idle.item() / world))
+        times[microbatches] = times[microbatches][1:]
+    if rank == 0:
+        torch.save(times, result_file)
+    dist.destroy_process_group()
+
+
+def pipeline_step_seconds(world: int, args: tuple) -> dict[int, list[float]]:
+    with tempfile.TemporaryDirectory() as out:
+        result = os.path.join(out, "times.pt")
+        mp.spawn(_pipeline_rank, args=(world, _free_port(), args, result), nprocs=world)
+        return torch.load(result)
+
+
+def pipeline_table(preset: str, seq: int, micro_batch: int, repeats: int) -> None:
+    layers, steps, stages, counts = 4, 4, 2, (2, 4, 8)
+    print(f"\nlooped pipeline: preset {preset} with {layers} layers, T={steps}, seq {seq}, micro batch {micro_batch}")
+    print(
+        f"{'layout':<26}{'M':>4}{'ms/step':>10}{'tokens/s':>10}{'bubble':>9}{'interleaved':>13}{'1F1B':>7}"
+        f"{'  (bubbles: idle / compute per rank)'}"
+    )
+    args = (preset, layers, seq, micro_batch, counts, steps, repeats)
+    samples: dict[int, dict[int, list[tuple[float, float]]]] = {world: {m: [] for m in counts} for world in (1, stages)}
+    for _ in range(2):  # alternate the layouts so that load changes hit both
+        for world in samples:
+            for microbatches, times in pipeline_step_seconds(world, args).items():
+                samples[world][microbatches] += times
+    for microbatches in counts:
+        tokens = microbatches * micro_batch * seq
+        single = statistics.median(wall for wall, _ in samples[1][microbatches])
+        piped = statistics.median(wall for wall, _ in samples[stages][microbatches])
+        measured = statistics.median(idle for _, idle in samples[stages][microbatches])
+        for world, seconds in ((1, single), (stages, piped)):
+            bubble = f"{measured:>9.3f}" if world > 1 else f"{'':>9}"
+            theory = f"{(stages - 1) / (microbatches * steps):>13.3f}{(stages - 1) / microbatches:>7.3f}"
+            label = f"PP={world} ({world} process{'es' if world > 1 else ''})"
+            print(
+                f"{label:<26}{microbatches:>4}"
+                f"{seconds * 1e3:>10.1f}{tokens / seconds:>10.0f}{bubble}{theory if world > 1 else ''}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -164,8 +273,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--loop-cost-only", action="store_true", help="skip the trainer table")
+    parser.add_argument("--pipeline", action="store_true", help="only the looped pipeline table (PP=2 vs PP=1)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.pipeline:
+        print(f"host: {os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+        pipeline_table(args.preset, args.seq, args.micro_batch, max(3, args.repeats // 3))
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        return
     common = [
         f"model.preset={args.preset}",
         f"data.seq_len={args.seq}",

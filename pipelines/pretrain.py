@@ -3,8 +3,11 @@
     looplm train configs/train-tiny-cpu.yaml train.steps=50 --output runs/tiny
 
 `launch` starts a TorchTrainer with one worker per rank (TP x PP x DP; gloo on CPU, NCCL on GPU). Each worker
-runs `training.trainer.train_on_rank`, which resumes from `<output>/checkpoints/latest` when it exists, so the
-FailureConfig's restarts, and a rerun of the same command, continue from the last complete checkpoint.
+applies megatron's CPU patches where it starts (`cpu_shim.apply`, a no-op with CUDA) and runs
+`training.trainer.train_on_rank`, which resumes from `<output>/checkpoints/latest` when it exists, so the
+FailureConfig's restarts, and a rerun of the same command, continue from the last complete checkpoint. Restarts
+are counted from what Ray Train reports: a controller callback records every worker-group failure to
+`<output>/worker_failures.jsonl`.
 Workers report to Ray Train once per log interval (per-step reports are throttled to one per ~2 s); rank 0
 also appends each record to `<output>/metrics.jsonl`. Metrics reach MLflow once per job, from the driver after
 the job, never from a rank.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from looplm.infra.configs import load_config, to_dict
 from .training.config import PretrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+FAILURES_FILE = "worker_failures.jsonl"
 TRAINING_PLOT = "training.png"
 
 
@@ -36,7 +40,7 @@ class PretrainResult:
     output: Path
     records: list[dict[str, Any]]  # one per logged interval (the last record of each step wins after a restart)
     checkpoint: Path | None  # the latest complete checkpoint
-    restarts: int
+    restarts: int  # worker-group failures Ray Train recovered from during this launch
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
@@ -44,25 +48,42 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from looplm.model.megatron import cpu_shim
+
     from .training.trainer import train_on_rank
 
+    cpu_shim.apply()  # once, where the worker process starts (a no-op with CUDA)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     config: PretrainConfig = loop_config["config"]
     output = Path(loop_config["output"])
-    fail_at = loop_config.get("inject_failure_at_step")
     rank = dist.get_rank()
 
-    def report(record: dict[str, Any]) -> None:
+    def write_metrics(record: dict[str, Any]) -> None:
         if rank == 0:
             with open(output / METRICS_FILE, "a") as sink:
                 sink.write(json.dumps(record) + "\n")
-        marker = output / ".injected_failure"
-        if fail_at is not None and rank == 1 and record.get("step", 0) >= fail_at and not marker.exists():
-            marker.write_text(f"worker failure injected at step {record['step']}\n")
-            raise RuntimeError(f"injected worker failure at step {record['step']} (test of FailureConfig)")
+
+    def report(record: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float)})
 
-    train_on_rank(config, output, report=report)
+    train_on_rank(config, output, callbacks=[write_metrics, *loop_config.get("callbacks", ()), report])
+
+
+def _failure_log(path: Path):
+    """A Ray Train controller callback that appends each worker-group failure Ray Train reports to `path`."""
+    from ray.train import UserCallback
+
+    class FailureLog(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            errors = {str(rank): f"{type(err).__name__}: {err}"[:500] for rank, err in worker_exceptions.items()}
+            with open(path, "a") as sink:
+                sink.write(json.dumps({"ranks": sorted(worker_exceptions), "errors": errors}) + "\n")
+
+    return FailureLog()
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def read_metrics(output: str | Path) -> list[dict[str, Any]]:
@@ -115,19 +136,20 @@ def launch(
     output: str | Path,
     *,
     ray_address: str | None = None,
-    inject_failure_at_step: int | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    worker_callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> PretrainResult:
     """Run `config` as a Ray Train job on the cluster at ray_address / $RAY_ADDRESS, or on a local Ray.
 
     on_record, when given, sees each logged record as the job writes it (the CLI prints them as progress).
+    worker_callbacks run inside every worker with each record (train_on_rank's callbacks; they must pickle).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from looplm.infra.ray_cluster import ray_session
-    from looplm.model.megatron import checkpointing
 
+    from .training import checkpoints
     from .training.data import copy_tokenizer, with_manifest
     from .training.trainer import HF_EXPORT
 
@@ -136,7 +158,9 @@ def launch(
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
     on_gpu = torch.cuda.is_available()
-    workers = config.world_size
+    workers = config.world_size  # tensor_parallel x pipeline_parallel x data_parallel
+    failures = output / FAILURES_FILE
+    failures_before = _count_lines(failures)
     # Ray Train drains worker reports every 2 s by default, which throttles even per-interval reports on short
     # CPU runs (ray-mlflow-notes.md §4); 0.2 s costs nothing measurable.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -148,7 +172,7 @@ def launch(
             train_loop_config={
                 "config": config,
                 "output": str(output),
-                "inject_failure_at_step": inject_failure_at_step,
+                "callbacks": list(worker_callbacks),
             },
             torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=on_gpu, resources_per_worker={"CPU": 1}),
@@ -156,13 +180,14 @@ def launch(
                 name=config.name,
                 storage_path=str(output / "ray"),
                 failure_config=FailureConfig(max_failures=config.launch.max_failures),
+                callbacks=[_failure_log(failures)],
             ),
         )
         with following(output / METRICS_FILE, on_record):
             trainer.fit()
     copy_tokenizer(config, output / HF_EXPORT)  # the export evaluates, registers and serves as it is
-    restarts = 1 if (output / ".injected_failure").exists() else 0
-    return PretrainResult(output, read_metrics(output), checkpointing.latest(output / "checkpoints"), restarts)
+    restarts = _count_lines(failures) - failures_before
+    return PretrainResult(output, read_metrics(output), checkpoints.latest(output / "checkpoints"), restarts)
 
 
 def plot_training(records: list[dict[str, Any]]):
@@ -250,7 +275,8 @@ def run_from_args(args) -> int:
     parallel = config.parallel
     print(
         f"training {config.model.preset} ({parallel.transformer_impl} layers, TP={parallel.tensor_parallel}"
-        f" x DP={config.launch.data_parallel}, {config.train.objective}) for {config.train.steps} steps -> {output}"
+        f" x PP={parallel.pipeline_parallel} x DP={config.launch.data_parallel} = {config.world_size} workers,"
+        f" {config.train.objective}) for {config.train.steps} steps -> {output}"
     )
     result = launch(config, output, on_record=print_record)
     print(f"latest checkpoint: {result.checkpoint}")

@@ -1,40 +1,32 @@
-"""Training checkpoints of the Megatron LoopLM through dist_checkpointing, and the Ouro HF export/import.
+"""Model checkpoints of the Megatron LoopLM through dist_checkpointing, and the Ouro HF export/import.
 
-A checkpoint is a folder `<root>/step_<n>/` holding
-- `state/`: one dist_checkpointing save of the model and the optimizer. The optimizer is either torch AdamW,
-  whose moments are sharded exactly like their parameters (megatron's optim_state_to_sharding_state), or
-  megatron-core's optimizer (DistributedOptimizer included), which writes its own sharded state in the
-  "fully_reshardable" layout (fp32 main params and moments, one tensor per parameter). Both reshard: a run saved
-  at TP=1 resumes at TP=2, one saved at DP=2 resumes at DP=1, and the other way round;
-- `rank_<r>.pt`: each rank's RNG states (restored when the layout is unchanged);
-- `trainer.json`: step, layout and trainer counters (rank 0). LR, beta, T and the data position are pure
-  functions of the step, so the step restores them.
-It is written into `step_<n>.tmp/` and renamed into place only when every rank has finished, and `latest`
-(a one-line file, replaced atomically) is updated after the rename, so a crash at any point leaves `latest`
-naming a complete checkpoint.
+- `save_model` / `load_model`: the model's sharded state dict in a folder, at any TP x PP x DP layout
+  (megatron names layers by their global index, so a checkpoint written at PP=1 loads at PP=2 and back).
+- `export_hf` / `import_hf`: the Ouro HF layout (safetensors + config.json) from and into any layout.
 
-All functions here are collectives over the default process group unless they say otherwise.
+Training checkpoints (optimizer state, RNG, trainer.json, `latest`, retention) are training mechanics and live in
+`looplm.pipelines.training.checkpoints`. All functions here are collectives over the default process group.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from ..config import LoopLMConfig
-from .convert import gather_tensor_parallel, hf_to_megatron, local_state, megatron_to_hf, shard
-
-LATEST = "latest"
+from .convert import (
+    gather_pipeline_parallel,
+    gather_tensor_parallel,
+    hf_to_megatron,
+    local_state,
+    megatron_to_hf,
+    shard,
+    stage_state,
+)
 
 
 def _barrier() -> None:
@@ -52,7 +44,8 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> None:
 
 
 def load_model(model: torch.nn.Module, directory: str | Path) -> None:
-    """Load the model from a folder written by save_model or save, at any tensor parallelism (collective)."""
+    """Load the model from a folder written by save_model (or a training checkpoint's state/), at any layout
+    (collective)."""
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
     model.load_state_dict(state["model"], strict=True)
 
@@ -65,181 +58,13 @@ def _save(sharded: dict[str, Any], directory: Path) -> None:
     _barrier()
 
 
-def _initialise_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter the state torch's Adam(W) creates lazily on its first step (so all have a shard)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state[param]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def optimizer_sharded_state_dict(
-    optimizer: torch.optim.Optimizer, model_sharded: dict[str, Any], *, is_loading: bool = False
-) -> dict[str, Any]:
-    """A torch Adam(W) state dict whose moments are ShardedTensors laid out like their parameters."""
-    if is_loading or not optimizer.state:
-        _initialise_adam_state(optimizer)
-    state = optimizer.state_dict()
-    state["state"] = {index: dict(entry) for index, entry in state["state"].items()}  # not the live state dicts
-    steps = {float(s.pop("step")) for s in state["state"].values() if "step" in s}
-    if len(steps) > 1:
-        raise ValueError(f"optimizer steps differ between parameters ({sorted(steps)}); expected one shared step")
-    params = chain.from_iterable(group["params"] for group in optimizer.param_groups)
-    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, params))
-    state["state"]["common_step"] = steps.pop() if steps else 0.0
-    return state
-
-
-def _optimizer_sharded(optimizer: Any, model_sharded: dict[str, Any], *, is_loading: bool) -> dict[str, Any]:
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer_sharded_state_dict(optimizer, model_sharded, is_loading=is_loading)
-    # megatron.core.optimizer (MegatronOptimizer / ChainedOptimizer): its own sharded state dict. The
-    # DistributedOptimizer's "fully_reshardable" layout is one tensor per parameter (gathered over DP at save
-    # time), so its state reshards over TP and DP; 0.16.1's parallel "fully_sharded_model_space" layout fails
-    # there ("flattened_range is not supported") and "dp_reshardable" cannot change TP.
-    # Its torch AdamW (the fallback without TE/apex) creates state lazily, and the state dict needs a step.
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        _initialise_adam_state(inner.optimizer)
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
-    return optimizer.sharded_state_dict(model_sharded, is_loading=is_loading, metadata=metadata)
-
-
-def _load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        _load_megatron_optimizer_state(optimizer, state)
-        return
-    step = state["state"].pop("common_step")
-    for param_state in state["state"].values():
-        param_state["step"] = torch.tensor(float(step))
-    optimizer.load_state_dict(state)
-
-
-def _load_megatron_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [state] if len(inners) == 1 else [state[index] for index in sorted(state)]
-    for inner, inner_state in zip(inners, states, strict=True):
-        param_state = inner_state.pop("param_state", None)
-        sharding = inner_state.pop("param_state_sharding_type", None)
-        inner.load_state_dict(inner_state)
-        if param_state is not None:  # a DistributedOptimizer: the sharded fp32 main params and moments
-            if sharding != "fully_reshardable":
-                raise ValueError(f"distributed optimizer state of type {sharding!r}; looplm writes 'fully_reshardable'")
-            # megatron-core 0.16.1 copies every per-parameter entry of the inner optimizer's state from the
-            # checkpoint, torch AdamW's "step" included, which the checkpoint keeps per param group (KeyError:
-            # 'step'). Set the steps aside while the sharded tensors load. (TE/apex FusedAdam keep no such step.)
-            steps = {param: entry.pop("step") for param, entry in inner.optimizer.state.items() if "step" in entry}
-            inner.load_parameter_state_from_fully_reshardable(param_state)
-            for param, step in steps.items():
-                inner.optimizer.state[param]["step"] = step
-        # It also gives every parameter the same "step" tensor, which torch AdamW increments in place once per
-        # parameter: each parameter needs its own.
-        for entry in inner.optimizer.state.values():
-            if "step" in entry:
-                entry["step"] = entry["step"].clone()
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _layout() -> dict[str, int]:
-    return {
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-    }
-
-
-def save(
-    root: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: Any,
-    trainer_state: dict[str, Any],
-    keep: int | None = None,
-) -> Path:
-    """Write step_<step>/ atomically and point `latest` at it (collective). Returns the final folder.
-
-    With `keep`, only the newest `keep` complete checkpoints remain; older ones go after `latest` has moved.
-    """
-    root = Path(root)
-    final, staging = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    _barrier()
-    model_sharded = model.sharded_state_dict()
-    optim_sharded = _optimizer_sharded(optimizer, model_sharded, is_loading=False)
-    _save({"model": model_sharded, "optimizer": optim_sharded}, staging / "state")
-    torch.save({"rng": rng_state()}, staging / f"rank_{_rank()}.pt")
-    if _rank() == 0:
-        record = {"step": step, "layout": _layout(), **trainer_state}
-        (staging / "trainer.json").write_text(json.dumps(record, indent=2) + "\n")
-    _barrier()
-    if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
-        if keep is not None:
-            complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in complete[:-keep]:
-                shutil.rmtree(old)
-    _barrier()
-    return final
-
-
-def latest(root: str | Path) -> Path | None:
-    """The folder `latest` names, or None when there is no complete checkpoint (not a collective)."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    folder = Path(root) / pointer.read_text().strip()
-    return folder if (folder / "trainer.json").is_file() else None
-
-
-def load(folder: str | Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
-    """Restore model, optimizer (at any TP x DP layout) and, on an unchanged layout, each rank's RNG states.
-
-    Returns trainer.json (collective).
-    """
-    folder = Path(folder)
-    record = json.loads((folder / "trainer.json").read_text())
-    if optimizer is None:
-        load_model(model, folder / "state")
-        return record
-    model_sharded = model.sharded_state_dict()
-    sharded = {
-        "model": model_sharded,
-        "optimizer": _optimizer_sharded(optimizer, model_sharded, is_loading=True),
-    }
-    state = dist_checkpointing.load(sharded, str(folder / "state"))
-    model.load_state_dict(state["model"], strict=True)
-    _load_optimizer_state(optimizer, state["optimizer"])
-    if record["layout"] == _layout():
-        set_rng_state(torch.load(folder / f"rank_{_rank()}.pt", weights_only=False)["rng"])
-    return record
-
-
 def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Path) -> Path | None:
-    """Write the model as an Ouro HF checkpoint (rank 0 writes; collective over TP). Returns the folder on rank 0."""
+    """Write the model as an Ouro HF checkpoint from any TP x PP layout (rank 0 writes; collective). Returns the
+    folder on rank 0."""
     from ..checkpoint import save_pretrained
     from ..looplm import LoopLM
 
-    state = megatron_to_hf(gather_tensor_parallel(local_state(model)), config)
+    state = megatron_to_hf(gather_pipeline_parallel(gather_tensor_parallel(local_state(model))), config)
     path = None
     if _rank() == 0:
         # In the training dtype: a bf16 run exports bf16 weights, like the released Ouro checkpoints.
@@ -251,7 +76,7 @@ def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Pat
 
 
 def import_hf(model: torch.nn.Module, directory: str | Path) -> LoopLMConfig:
-    """Load an Ouro HF checkpoint (a released Ouro model, or export_hf's) into the Megatron model at its TP."""
+    """Load an Ouro HF checkpoint (a released Ouro model, or export_hf's) into the Megatron model at its TP x PP."""
     from ..checkpoint import load_pretrained
 
     reference = load_pretrained(directory)
@@ -260,5 +85,6 @@ def import_hf(model: torch.nn.Module, directory: str | Path) -> LoopLMConfig:
         full, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     )
     dtype = next(model.parameters()).dtype
+    local = stage_state(local, model)
     model.load_state_dict({k: v.to(dtype) for k, v in local.items()}, strict=True)
     return reference.config

@@ -33,7 +33,7 @@ FP8_AMAX_ALGOS = ("most_recent", "max")
 class ParallelConfig:
     tensor_parallel: int = 1
     sequence_parallel: bool = False  # shard norms/residual activations along the sequence (needs TP > 1)
-    pipeline_parallel: int = 1  # the next issue: each microbatch travels the pipeline T times
+    pipeline_parallel: int = 1  # stages of the N layers; each micro-batch travels the pipeline T times (pipeline.py)
     transformer_impl: str = "local"  # "local": torch modules, CPU and GPU; "transformer_engine": TE modules
     precision: str = "auto"  # "auto": bf16 with CUDA, fp32 without; "bf16" also runs on CPU (slowly; tests)
     # FP8 GEMMs in the looped blocks (never the LM head or the exit gate): None, "hybrid" (e4m3 forward, e5m2
@@ -64,8 +64,6 @@ class ParallelConfig:
             raise ConfigError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
-        if self.pipeline_parallel != 1:
-            raise ConfigError("pipeline_parallel > 1 is not implemented yet (the looped pipeline is the next issue)")
         if self.fp8 is not None:
             self._check_fp8()
 
@@ -123,6 +121,11 @@ class ParallelConfig:
             raise ConfigError(f"tensor_parallel ({tp}) does not divide intermediate_size ({model.intermediate_size})")
         if model.vocab_size % tp:
             raise ConfigError(f"tensor_parallel ({tp}) does not divide vocab_size ({model.vocab_size})")
+        if model.num_hidden_layers % self.pipeline_parallel:
+            raise ConfigError(
+                f"pipeline_parallel ({self.pipeline_parallel}) does not divide num_hidden_layers "
+                f"({model.num_hidden_layers})"
+            )
         if model.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=True is not supported by the Megatron LoopLM (Ouro is untied)")
         if self.fp8 is not None and self.fp8_first_last_layers_bf16:

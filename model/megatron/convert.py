@@ -4,7 +4,12 @@ Three layers of functions, each exact (pure reindexing, no arithmetic):
 - `hf_to_megatron` / `megatron_to_hf`: Ouro names (`model.layers.{i}.self_attn.q_proj.weight`, ...) <-> the
   unsharded (TP = 1) Megatron state dict (`decoder.layers.{i}.self_attention.linear_qkv.weight`, ...).
 - `shard` / `unshard`: the unsharded Megatron state <-> one state per TP rank.
-- `gather_tensor_parallel` (in a process group): every TP rank's local tensors -> the unsharded state.
+- `gather_tensor_parallel` / `gather_pipeline_parallel` (in a process group): every TP rank's local tensors ->
+  the unsharded state; every pipeline stage's layers -> all N layers.
+
+Under pipeline parallelism a stage holds layers [offset, offset + N/P) as `decoder.layers.0..`; `local_state`
+names them by their global index (megatron's layer_number - 1), and `stage_state` picks a stage's tensors out of
+a full state, so every function above sees whole-model names.
 
 Megatron's fused QKV is laid out per query group: for each KV head g, its (heads / kv_heads) query heads, then
 its key, then its value, so a contiguous TP chunk holds whole groups. The gated MLP's fc1 is [gate; up] on each
@@ -149,8 +154,35 @@ def unshard(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _layer_offset(model: torch.nn.Module) -> int:
+    """The global index of this stage's first layer (0 without pipeline parallelism)."""
+    for module in model.modules():
+        if hasattr(module, "decoder"):
+            layers = module.decoder.layers
+            return layers[0].layer_number - 1 if len(layers) else 0
+    return 0
+
+
+def _global_name(name: str, offset: int) -> str:
+    marker = "decoder.layers."
+    if offset == 0 or marker not in name:
+        return name
+    head, rest = name.split(marker, 1)
+    index, tail = rest.split(".", 1)
+    return f"{head}{marker}{int(index) + offset}.{tail}"
+
+
+def stage_state(full: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `full` (whole-model Megatron names) that this pipeline stage holds, by its local names."""
+    offset = _layer_offset(model)
+    names = [name for name in model.state_dict() if not name.endswith("_extra_state")]
+    return {name: full[_global_name(name, offset)] for name in names}
+
+
 def local_state(model: torch.nn.Module, *, grads: bool = False) -> dict[str, torch.Tensor]:
-    """This rank's tensors by Megatron name: parameters, or their gradients (Megatron DDP's main_grad if set)."""
+    """This rank's tensors by Megatron name (layers by global index): parameters, or their gradients (Megatron
+    DDP's main_grad if set)."""
+    offset = _layer_offset(model)
     out = {}
     for name, param in model.named_parameters():
         if grads:
@@ -159,7 +191,7 @@ def local_state(model: torch.nn.Module, *, grads: bool = False) -> dict[str, tor
             out[name] = torch.zeros_like(param) if grad is None else grad.detach().clone()
         else:
             out[name] = param.detach().clone()
-    return {name.removeprefix("module."): t.cpu() for name, t in out.items()}
+    return {_global_name(name.removeprefix("module."), offset): t.cpu() for name, t in out.items()}
 
 
 def gather_tensor_parallel(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,3 +210,21 @@ def gather_tensor_parallel(local: dict[str, torch.Tensor]) -> dict[str, torch.Te
         for rank, piece in enumerate(pieces):
             shards[rank][name] = piece
     return unshard(shards)
+
+
+def gather_pipeline_parallel(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective over the pipeline group: every stage's `local` state (global names) -> the union, on every rank.
+
+    Exports and tests only: every stage's tensors pass through every rank of the group once.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return dict(local)
+    stages: list[dict[str, torch.Tensor] | None] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+    merged: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        merged.update(stage)
+    return merged

@@ -2,7 +2,9 @@
 
 megatron-core assumes a GPU in a handful of places (reference/megatron-on-cpu.md §2-4). On a CPU-only torch each
 of them raises "Torch not compiled with CUDA enabled". `apply()` patches exactly these, once per process, and
-does nothing at all when CUDA is available, so a GPU run executes unmodified megatron-core:
+does nothing at all when CUDA is available, so a GPU run executes unmodified megatron-core. It patches the whole
+process, so it is called explicitly where a process starts (a Ray Train worker, a spawned test rank, a bench
+script), never from a constructor; the model and `initialize_model_parallel` only `check()` that it ran:
 
 1. `torch.cuda.current_device()` -> the CPU device. About 175 call sites allocate with
    `device=torch.cuda.current_device()`: RoPE's inv_freq on every forward, the attention buffer, p2p buffers.
@@ -10,8 +12,8 @@ does nothing at all when CUDA is available, so a GPU run executes unmodified meg
 3. The model-parallel RNG tracker -> one backed by the CPU generator. Attention forks the tracker even at
    dropout 0, `model_parallel_cuda_manual_seed` reads CUDA RNG state, and activation recompute saves it.
 4. The `device="cuda"` literal in `pipeline_parallel/schedules.py` (token counter of every schedule); the
-   current_device patch cannot reach a string literal. Needed as soon as a schedule from
-   `get_forward_backward_func` runs (pipeline parallelism, next issue).
+   current_device patch cannot reach a string literal. Needed by every schedule from
+   `get_forward_backward_func` (the trainer steps through them).
 
 5. Megatron's optimizers (`megatron.core.optimizer`: FP32Optimizer, Float16OptimizerWithFloat16Params,
    DistributedOptimizer) hard-code CUDA in four modules: `device='cuda'` literals for their scalar buffers,
@@ -41,6 +43,15 @@ _optimizer_patched = False
 def needed() -> bool:
     """True on a machine where megatron-core cannot run unpatched."""
     return not torch.cuda.is_available()
+
+
+def check() -> None:
+    """Raise, naming the fix, when this machine needs the patches and nobody applied them (never patches)."""
+    if needed() and not _applied:
+        raise RuntimeError(
+            "megatron-core needs its CPU patches on this machine (no CUDA): call "
+            "looplm.model.megatron.cpu_shim.apply() once where the process starts (a worker, a test, a script)"
+        )
 
 
 def apply() -> bool:

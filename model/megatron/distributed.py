@@ -16,7 +16,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> None:
 
     Re-initialises cleanly if groups exist (tests build several layouts in one process).
     """
-    cpu_shim.apply()
+    cpu_shim.check()
     if not torch.distributed.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
     world = torch.distributed.get_world_size()
@@ -36,12 +36,17 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+def wrap_data_parallel(
+    model: torch.nn.Module, use_distributed_optimizer: bool = False, per_token_loss: bool = False
+) -> DistributedDataParallel:
     """Megatron DDP over the data-parallel group: gradients accumulate in fp32 `main_grad` buffers and are
     averaged over DP by `finalize_model_grads`, which also all-reduces sequence-parallel norm gains over TP.
+    With `per_token_loss` (megatron's calculate_per_token_loss, what the trainer's schedules use) they are summed
+    over DP instead, and finalize_model_grads divides them by the step's token count.
     With `use_distributed_optimizer` they are reduce-scattered instead (each DP rank keeps its optimizer shard's
     part), as megatron's DistributedOptimizer expects. Only parameters with requires_grad are bucketed
     (Stage II freezes the LM before wrapping)."""
+    model.config.calculate_per_token_loss = per_token_loss  # read by DDP here and by the schedules
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer
     )

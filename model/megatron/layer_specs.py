@@ -158,15 +158,21 @@ def sandwich_layer_spec(transformer_impl: str, fp8_recipe: Any = None) -> Module
 
 
 def block_spec(config: TransformerConfig, transformer_impl: str) -> TransformerBlockSubmodules:
-    """The N-layer stack; its final norm is the LoopLM's, applied after every pass, so the block has none."""
+    """This pipeline stage's share of the N-layer stack (all of it without PP); its final norm is the LoopLM's,
+    applied after every pass, so the block has none."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
     layer = sandwich_layer_spec(transformer_impl)
-    layers = [layer] * config.num_layers
+    count = get_num_layers_to_build(config)
+    layers = [layer] * count
     if config.fp8 and transformer_impl == "local":
         # TE applies FP8 from the config in megatron's fp8 context; the local spec swaps in the FP8 linears,
-        # except in the physical layers kept in high precision.
+        # except in the physical layers kept in high precision (global indices: this stage's start at `offset`).
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
         from .fp8 import FP8Recipe, high_precision_layers
 
         fp8_layer = sandwich_layer_spec(transformer_impl, FP8Recipe.from_transformer_config(config))
-        kept = high_precision_layers(config)
-        layers = [layer if i in kept else fp8_layer for i in range(config.num_layers)]
+        kept, offset = high_precision_layers(config), get_transformer_layer_offset(config)
+        layers = [layer if offset + i in kept else fp8_layer for i in range(count)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=None)

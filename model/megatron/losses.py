@@ -15,7 +15,7 @@ import torch
 from ..objectives import IGNORE_INDEX, STAGE2_GAMMA, STAGE2_K, LossOutput, stage2_from_step_losses
 
 
-def _labels_sb(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def labels_sb(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
     labels = labels.t().contiguous()
@@ -25,30 +25,38 @@ def _labels_sb(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return labels, counted
 
 
-def stage1_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, beta: float, num_steps: int) -> LossOutput:
-    """sum_t p(t|x) CE_t - beta * H(p), per token, averaged over counted tokens."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    labels, counted = _labels_sb(input_ids, labels)
-    h = model.embed(input_ids)
-    attention = model.attention_inputs(input_ids.shape[1], input_ids.device)
-    survival = None  # S_{t-1}; None stands for 1 at t = 1
-    expected_ce = plogp = None
-    ce_means, p_means = [], []
-    for t in range(num_steps):
-        h = model.recurrent_step(h, attention)
-        ce = model.step_token_losses(h, labels)
-        if t < num_steps - 1:
-            lam = torch.sigmoid(model.exit_gate_logits(h).float())
-            p = lam if survival is None else lam * survival
-            survival = (1.0 - lam) if survival is None else survival * (1.0 - lam)
-        else:  # the leftover mass goes to the last step; its own lambda is not used
-            p = torch.ones_like(ce) if survival is None else survival
-        expected_ce = p * ce if expected_ce is None else expected_ce + p * ce
-        term = torch.special.xlogy(p, p)
-        plogp = term if plogp is None else plogp + term
-        ce_means.append(ce[counted].mean().detach())
-        p_means.append(p[counted].mean().detach())
+Stage1State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # survival S_{t-1}, sum p*CE, sum p*log p
+
+
+def stage1_initial_state(like: torch.Tensor) -> Stage1State:
+    """The accumulators before the first step, [seq, batch] fp32: S_0 = 1 and two empty sums."""
+    ones = torch.ones(like.shape[:2], dtype=torch.float32, device=like.device)
+    return ones, torch.zeros_like(ones), torch.zeros_like(ones)
+
+
+def stage1_step(
+    model, h: torch.Tensor, labels: torch.Tensor, state: Stage1State, t: int, num_steps: int
+) -> tuple[Stage1State, torch.Tensor, torch.Tensor]:
+    """Fold step t's h_t (0-based) into the running accumulators: (new state, CE_t, p_t), per token [seq, batch].
+
+    This is all that couples the steps, so it is what a pipeline hands on from loop to loop with h_t.
+    """
+    survival, expected_ce, plogp = state
+    ce = model.step_token_losses(h, labels)
+    if t < num_steps - 1:
+        lam = torch.sigmoid(model.exit_gate_logits(h).float())
+        p = lam * survival
+        survival = survival * (1.0 - lam)
+    else:  # the leftover mass goes to the last step; its own lambda is not used
+        p = survival
+    return (survival, expected_ce + p * ce, plogp + torch.special.xlogy(p, p)), ce, p
+
+
+def stage1_output(
+    state: Stage1State, counted: torch.Tensor, beta: float, ce_means: list[torch.Tensor], p_means: list[torch.Tensor]
+) -> LossOutput:
+    """The Stage I loss from the final accumulators, with the per-step means logged along the way."""
+    _, expected_ce, plogp = state
     entropy = -plogp
     per_token = expected_ce - beta * entropy
     return LossOutput(
@@ -58,6 +66,23 @@ def stage1_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, beta: f
         entropy=entropy[counted].mean().detach(),
         num_tokens=int(counted.sum()),
     )
+
+
+def stage1_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, beta: float, num_steps: int) -> LossOutput:
+    """sum_t p(t|x) CE_t - beta * H(p), per token, averaged over counted tokens."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    labels, counted = labels_sb(input_ids, labels)
+    h = model.embed(input_ids)
+    attention = model.attention_inputs(input_ids.shape[1], input_ids.device)
+    state = stage1_initial_state(labels)
+    ce_means, p_means = [], []
+    for t in range(num_steps):
+        h = model.recurrent_step(h, attention)
+        state, ce, p = stage1_step(model, h, labels, state, t, num_steps)
+        ce_means.append(ce[counted].mean().detach())
+        p_means.append(p[counted].mean().detach())
+    return stage1_output(state, counted, beta, ce_means, p_means)
 
 
 def stage2_loss(
@@ -75,7 +100,7 @@ def stage2_loss(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    labels, counted = _labels_sb(input_ids, labels)
+    labels, counted = labels_sb(input_ids, labels)
     states, ces = [], []
     with torch.no_grad():
         h = model.embed(input_ids)

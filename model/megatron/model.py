@@ -1,4 +1,5 @@
-"""The LoopLM on megatron-core: the reference model's mathematics with tensor, sequence and data parallelism.
+"""The LoopLM on megatron-core: the reference model's mathematics with tensor, sequence, pipeline and data
+parallelism.
 
 Same semantics as `looplm.model.looplm.LoopLM` (ouro-spec.md §1-2): embeddings once; the whole N-layer sandwich
 stack (a megatron TransformerBlock) runs T times with shared weights; after every pass the shared final RMSNorm
@@ -10,7 +11,15 @@ cross-entropy is megatron's vocab-parallel one, computed one step at a time unde
 no rank ever holds more than one step's [seq, batch, vocab / TP] logits. The exit gate is a replicated
 Linear(d, 1) over the full sequence.
 
+Under pipeline parallelism (DESIGN.md decision 3) a MegatronLoopLM is one stage: it builds only its share of
+the N layers (megatron numbers them globally, so checkpoints reshard across PP sizes); the first stage also holds
+the embedding, the last the final norm, the LM head and the exit gate (`pre_process` / `post_process`, megatron's
+names). `pipeline.py` runs the loop over the stages. The TransformerBlock is always built with pre_process=True,
+so it computes on its argument; the stage's input from the previous stage arrives through `set_input_tensor` and
+is read by the loop chunk, not by the block.
+
 Objectives live in `losses.py`; `forward` runs one of them, so a DDP-wrapped model is called like any module.
+The CPU patches (`cpu_shim.apply`) are applied by whoever starts the process; the constructor only checks them.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -36,18 +46,24 @@ from .layer_specs import block_spec, norm_module
 
 class MegatronLoopLM(MegatronModule):
     def __init__(self, config: LoopLMConfig, parallel: ParallelConfig, *, seed: int = 0):
-        cpu_shim.apply()
+        cpu_shim.check()
         tf_config = parallel.transformer_config(config)
         super().__init__(config=tf_config)
         self.loop_config = config
         self.parallel = parallel
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
+        self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.share_embeddings_and_output_weights = False  # Ouro is untied: no embedding all-reduce across stages
+        self.input_tensor: torch.Tensor | None = None
         d = config.hidden_size
-        self.embedding = LanguageModelEmbedding(
-            tf_config,
-            vocab_size=config.vocab_size,
-            max_sequence_length=config.max_position_embeddings,
-            position_embedding_type="rope",
-        )
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                tf_config,
+                vocab_size=config.vocab_size,
+                max_sequence_length=config.max_position_embeddings,
+                position_embedding_type="rope",
+            )
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.attention_head_dim,
             rotary_percent=1.0,
@@ -55,28 +71,35 @@ class MegatronLoopLM(MegatronModule):
             use_cpu_initialization=tf_config.use_cpu_initialization,
         )
         self.decoder = TransformerBlock(
-            tf_config, block_spec(tf_config, parallel.transformer_impl), post_layer_norm=False
+            tf_config, block_spec(tf_config, parallel.transformer_impl), post_layer_norm=False, pre_process=True
         )
-        self.final_layernorm = build_module(
-            norm_module(parallel.transformer_impl), config=tf_config, hidden_size=d, eps=config.rms_norm_eps
-        )
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            d,
-            config.vocab_size,
-            config=tf_config,
-            init_method=tf_config.init_method,
-            bias=False,
-            gather_output=False,
-        )
-        # Replicated on every TP rank and fed the full sequence, so its gradient needs no TP reduction. Seeded
-        # explicitly so that every rank starts from the same gate.
-        self.exit_gate = torch.nn.Linear(d, 1, bias=True, dtype=tf_config.params_dtype)
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(seed)
-            self.exit_gate.weight.copy_(torch.randn(1, d, generator=generator) * config.initializer_range)
-            self.exit_gate.bias.zero_()
+        if self.post_process:
+            self.final_layernorm = build_module(
+                norm_module(parallel.transformer_impl), config=tf_config, hidden_size=d, eps=config.rms_norm_eps
+            )
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                d,
+                config.vocab_size,
+                config=tf_config,
+                init_method=tf_config.init_method,
+                bias=False,
+                gather_output=False,
+            )
+            # Replicated on every TP rank and fed the full sequence, so its gradient needs no TP reduction. Seeded
+            # explicitly so that every rank starts from the same gate.
+            self.exit_gate = torch.nn.Linear(d, 1, bias=True, dtype=tf_config.params_dtype)
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(seed)
+                self.exit_gate.weight.copy_(torch.randn(1, d, generator=generator) * config.initializer_range)
+                self.exit_gate.bias.zero_()
         if torch.cuda.is_available():
             self.cuda(torch.cuda.current_device())
+
+    def set_input_tensor(self, input_tensor: list[torch.Tensor | None] | torch.Tensor | None) -> None:
+        """What megatron's schedules call before a forward step: the previous stage's output (None on stage 0)."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     # ---------------------------------------------------------------- the loop, piece by piece
 
@@ -95,7 +118,8 @@ class MegatronLoopLM(MegatronModule):
         return {"attention_mask": mask, "rotary_pos_emb": self.rotary_pos_emb(seq_len)}
 
     def recurrent_step(self, h: torch.Tensor, attention_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One pass through the whole shared stack, then the final norm: h_{t-1} -> h_t.
+        """One pass through the whole shared stack, then the final norm: h_{t-1} -> h_t. Under pipeline
+        parallelism: this stage's layers, and the final norm on the last stage.
 
         With recompute="loop" only h_{t-1} is kept for backward, which reruns the pass (megatron's checkpoint,
         which also restores the model-parallel RNG states).
@@ -106,7 +130,8 @@ class MegatronLoopLM(MegatronModule):
         return self._pass(h, attention_inputs["attention_mask"], attention_inputs["rotary_pos_emb"])
 
     def _pass(self, h: torch.Tensor, attention_mask: torch.Tensor, rotary_pos_emb: torch.Tensor) -> torch.Tensor:
-        return self.final_layernorm(self.decoder(h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb))
+        h = self.decoder(h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        return self.final_layernorm(h) if self.post_process else h
 
     def full_sequence(self, h: torch.Tensor) -> torch.Tensor:
         """h over the whole sequence. Under SP the backward keeps this rank's slice of the gradient (no sum):
@@ -151,6 +176,8 @@ class MegatronLoopLM(MegatronModule):
         """Run `objective` ("stage1" or "stage2", see losses.py) over a [batch, seq] batch; returns its LossOutput."""
         from . import losses
 
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("this model is one pipeline stage: run the loop with pipeline.loop_chunks")
         steps = self.loop_config.total_ut_steps if num_steps is None else num_steps
         if objective == "stage1":
             return losses.stage1_loss(self, input_ids, labels, beta=beta, num_steps=steps)
@@ -160,5 +187,5 @@ class MegatronLoopLM(MegatronModule):
 
     def lm_parameters(self) -> list[torch.nn.Parameter]:
         """Everything but the exit gate: what Stage II freezes."""
-        gate = {id(p) for p in self.exit_gate.parameters()}
+        gate = {id(p) for p in self.exit_gate.parameters()} if self.post_process else set()
         return [p for p in self.parameters() if id(p) not in gate]

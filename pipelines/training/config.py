@@ -184,6 +184,8 @@ class PretrainConfig:
                     f"data.rampup_batch_size: start ({start}) and increment ({increment}) must be multiples of "
                     f"micro_batch_size x launch.data_parallel ({per_step})"
                 )
+        if self.parallel.pipeline_parallel > 1:
+            self._check_pipeline(per_step)
         if self.optim.implementation == "torch" and self.parallel.precision == "bf16":
             raise ConfigError(
                 "optim.implementation='torch' steps fp32 params only; parallel.precision='bf16' needs "
@@ -191,6 +193,24 @@ class PretrainConfig:
             )
         if self.data.seq_len > self.model.build().max_position_embeddings:
             raise ConfigError("data.seq_len is longer than the model's max_position_embeddings")
+
+    def _check_pipeline(self, per_step: int) -> None:
+        """What the looped pipeline (looplm.model.megatron.pipeline) needs of the rest of the config."""
+        stages = self.parallel.pipeline_parallel
+        if self.train.objective != "stage1":
+            raise ConfigError(
+                f"parallel.pipeline_parallel={stages} runs the Stage I objective only; train.objective="
+                f"{self.train.objective!r} trains the exit gate alone: run it with parallel.pipeline_parallel=1"
+            )
+        smallest = self.data.global_batch_size
+        if self.data.rampup_batch_size is not None:
+            smallest = self.data.rampup_batch_size[0]
+        if smallest // per_step < stages:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={stages} needs at least {stages} micro-batches per step on each DP rank "
+                f"(megatron's interleaved schedule), but the smallest global batch ({smallest}) / "
+                f"(micro_batch_size x launch.data_parallel = {per_step}) gives {smallest // per_step}"
+            )
 
     @property
     def world_size(self) -> int:

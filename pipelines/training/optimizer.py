@@ -93,7 +93,11 @@ def is_megatron(optimizer: Any) -> bool:
 def gradient_norm(optimizer: Any, model: torch.nn.Module) -> torch.Tensor:
     """The L2 norm of the full (unsharded) gradient after finalize_model_grads, equal on every rank.
 
-    For the Megatron optimizer this also copies the reduced gradients into its main params (prepare_grads).
+    Every group that holds a share of the parameters takes part: TP shards and PP stages are summed over the
+    model-parallel group (TP x PP), each parameter counted once (TP-replicated ones on TP rank 0 only); after
+    finalize_model_grads the DP replicas hold equal gradients, so DP adds nothing. The Megatron optimizer does
+    the same over its own groups (the DistributedOptimizer's DP shards included), and prepare_grads copies the
+    reduced gradients into its main params.
     """
     if is_megatron(optimizer):
         optimizer.prepare_grads()
@@ -102,7 +106,7 @@ def gradient_norm(optimizer: Any, model: torch.nn.Module) -> torch.Tensor:
     for param in model.parameters():
         if param.requires_grad and param_is_not_tensor_parallel_duplicate(param):
             total += param.main_grad.double().pow(2).sum().cpu()
-    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return total.sqrt()
 
 

@@ -1,9 +1,11 @@
-"""The per-rank pretraining loop of the Megatron LoopLM. Every rank of a TP x DP group runs `train_on_rank`.
+"""The per-rank pretraining loop of the Megatron LoopLM. Every rank of a TP x PP x DP group runs `train_on_rank`.
 
-One optimizer step: `accumulation_steps` micro-batches forward/backward through Megatron DDP (fp32 main_grad
-buffers), `finalize_model_grads` (DP average or reduce-scatter, TP all-reduce of sequence-parallel norm gains),
-the global grad norm over unique shards, a non-finite check agreed by all ranks (skip and count; K in a row
-abort), clipping, then AdamW (megatron-core's distributed optimizer, or torch AdamW on CPU: optimizer.py).
+One optimizer step: the step's micro-batches forward/backward through megatron-core's pipeline schedule
+(step.py: `get_forward_backward_func`, Megatron DDP's fp32 main_grad buffers, `finalize_model_grads`: DP sum or
+reduce-scatter, TP all-reduce of sequence-parallel norm gains, division by the global token count), the global
+grad norm over unique shards of every TP x PP x DP group, a non-finite check agreed by all ranks (skip and
+count; K in a row abort), clipping, then AdamW (megatron-core's distributed optimizer, or torch AdamW on CPU:
+optimizer.py). Checkpoints: checkpoints.py.
 LR, beta and T come from pure schedules of the step, data from the step's sample indices, so a run resumed
 from a checkpoint (model, optimizer state, RNG, step) repeats the uninterrupted run exactly.
 
@@ -17,24 +19,26 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 
-from looplm.model import IGNORE_INDEX
-from looplm.model.megatron import checkpointing
+from looplm.model.megatron.checkpointing import export_hf, import_hf
 from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
 from looplm.model.megatron.model import MegatronLoopLM
 
+from . import checkpoints
 from . import optimizer as optim_lib
 from .config import PretrainConfig
 from .data import micro_batch, prepare_data
 from .schedules import beta_at, global_batch_sizes, lr_at, recurrent_steps_at
+from .step import forward_backward, step_figures
+
+Callback = Callable[[dict[str, Any]], None]
 
 HF_EXPORT = "hf"
 RUN_INFO = "run_info.json"
@@ -50,30 +54,14 @@ def _all_finite(*values: torch.Tensor) -> bool:
     return bool(flag.item() == 1.0)
 
 
-def _dp_sum(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().clone().float()
-    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
-    return tensor
-
-
-def _dp_mean(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().clone().float()
-    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
-    return tensor / parallel_state.get_data_parallel_world_size()
-
-
 def train_on_rank(
-    config: PretrainConfig,
-    output: str | Path,
-    report: Callable[[dict[str, Any]], None] | None = None,
-    stop_after: int | None = None,
+    config: PretrainConfig, output: str | Path, callbacks: Sequence[Callback] = ()
 ) -> list[dict[str, Any]]:
     """Train (resuming from output/checkpoints/latest if present) on an initialised process group.
 
     At the end the model is also written in the Ouro HF layout to output/hf. Returns the logged records (every
-    rank returns the same figures). `report` is called with each record on every rank (Ray Train wants every
-    worker to report). `stop_after` ends the run after that many steps without a final checkpoint, like a
-    crash (tests of resume).
+    rank returns the same figures). Each callback is called with each record on every rank, in order (Ray Train
+    wants every worker to report); an exception from a callback ends the run there, like a crash.
     """
     output = Path(output)
     if dist.get_world_size() != config.world_size:
@@ -85,11 +73,13 @@ def train_on_rank(
     model_config = config.model.build()
     model = MegatronLoopLM(model_config, config.parallel, seed=config.train.seed)
     if config.train.init_from_hf:
-        checkpointing.import_hf(model, config.train.init_from_hf)
+        import_hf(model, config.train.init_from_hf)
     if config.train.objective == "stage2":
         for param in model.lm_parameters():
             param.requires_grad_(False)
-    ddp = wrap_data_parallel(model, use_distributed_optimizer=optim_lib.uses_distributed_optimizer(config))
+    ddp = wrap_data_parallel(
+        model, use_distributed_optimizer=optim_lib.uses_distributed_optimizer(config), per_token_loss=True
+    )
     optimizer = optim_lib.build_optimizer(model, ddp, config)
     info = run_info(config, model)
     if dist.get_rank() == 0:
@@ -101,7 +91,7 @@ def train_on_rank(
 
     ckpt_root = output / "checkpoints"
     start, skipped = 0, 0
-    folder = checkpointing.latest(ckpt_root)
+    folder = checkpoints.latest(ckpt_root)
     if folder is not None:
         saved_with = json.loads((folder / "trainer.json").read_text()).get("optimizer", "torch-adamw")
         if saved_with != info["optimizer"]:
@@ -109,7 +99,7 @@ def train_on_rank(
                 f"{folder} holds {saved_with} optimizer state but this run steps with {info['optimizer']}; "
                 f"resume with the same optim.implementation / optim.distributed, or start a new output folder"
             )
-        record = checkpointing.load(folder, model, optimizer)
+        record = checkpoints.load(folder, model, optimizer)
         start, skipped = record["step"], record.get("skipped_steps", 0)
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -120,8 +110,6 @@ def train_on_rank(
     in_a_row, interval_start, interval_tokens = 0, time.perf_counter(), 0
     model.train()
     for step in range(start, config.train.steps):
-        if stop_after is not None and step >= stop_after:
-            return records
         lr = lr_at(step, config.optim, config.train.steps)
         steps_t, beta = recurrent_steps_at(step, config.loop), beta_at(step, config.loop)
         ddp.zero_grad_buffer()
@@ -131,19 +119,9 @@ def train_on_rank(
             for micro in range(batch_sizes[step] // per_micro)
         ]
         batches = [(ids.to(device), labels.to(device)) for ids, labels in batches]
-        # The step's loss is the mean over every counted token of the global batch, however they fall across
-        # micro-batches and DP ranks: each micro-batch's mean is weighted by its share of the tokens (times the
-        # DP size, because Megatron DDP averages gradients over DP ranks).
-        counted = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        total_tokens = _dp_sum(torch.tensor(float(counted), device=device))
-        outs, token_loss = [], torch.zeros((), device=device)
-        for ids, labels in batches:
-            out = ddp(ids, labels, objective=config.train.objective, num_steps=steps_t, beta=beta)
-            (out.loss * (out.num_tokens * dp_size / total_tokens)).backward()
-            token_loss += out.loss.detach().float() * out.num_tokens
-            outs.append(out)
-        finalize_model_grads([ddp])
-        loss = _dp_sum(token_loss) / total_tokens
+        figures = forward_backward(ddp, batches, objective=config.train.objective, num_steps=steps_t, beta=beta)
+        figures = step_figures(figures, len(batches), steps_t)
+        loss = torch.tensor(figures["loss"])
         norm = optim_lib.gradient_norm(optimizer, model)
         if not _all_finite(loss, norm):
             skipped, in_a_row = skipped + 1, in_a_row + 1
@@ -168,27 +146,27 @@ def train_on_rank(
             records.append(
                 {
                     "step": done,
-                    "loss": loss.item(),
+                    "loss": figures["loss"],
                     "grad_norm": norm.item(),
                     "lr": lr,
                     "beta": beta,
                     "recurrent_steps": steps_t,
                     "global_batch_size": batch_sizes[step],
                     "tokens_seen": first_samples[done] * seq,  # to compare runs whose batch sizes differ
-                    "entropy": _dp_mean(torch.stack([o.entropy for o in outs]).mean()).item(),
+                    "entropy": figures["entropy"],
                     "skipped_steps": skipped,
                     "tokens_per_s": tokens_per_s,
                     "model_tflops_per_s": tokens_per_s * flops / 1e12,
-                    **_per_step("ce_step", _dp_mean(torch.stack([o.ce_per_step for o in outs]).mean(0))),
-                    **_per_step("exit_prob_step", _dp_mean(torch.stack([o.exit_probs_mean for o in outs]).mean(0))),
+                    **_per_step("ce_step", figures["ce_per_step"]),
+                    **_per_step("exit_prob_step", figures["exit_probs"]),
                 }
             )
-            if report is not None:
-                report(records[-1])
+            for callback in callbacks:
+                callback(records[-1])
             interval_start, interval_tokens = time.perf_counter(), 0
         if done % config.train.checkpoint_interval == 0 or done == config.train.steps:
             saving = time.perf_counter()
-            checkpointing.save(
+            checkpoints.save(
                 ckpt_root,
                 done,
                 model,
@@ -199,10 +177,10 @@ def train_on_rank(
             interval_start += time.perf_counter() - saving  # checkpoint time is not training throughput
     if start < config.train.steps or not records:
         records.append({"step": config.train.steps, "valid_loss": validation_loss(ddp, valid_data, config)})
-        if report is not None:
-            report(records[-1])
+        for callback in callbacks:
+            callback(records[-1])
     # The trained model in the Ouro HF layout: what Stage II, evaluation and serving load.
-    checkpointing.export_hf(model, model_config, output / HF_EXPORT)
+    export_hf(model, model_config, output / HF_EXPORT)
     return records
 
 
@@ -222,23 +200,24 @@ def run_info(config: PretrainConfig, model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def _per_step(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    return {f"{prefix}_{t + 1}": v for t, v in enumerate(values.tolist())}
+def _per_step(prefix: str, values: list[float]) -> dict[str, float]:
+    return {f"{prefix}_{t + 1}": v for t, v in enumerate(values)}
 
 
 @torch.no_grad()
 def validation_loss(ddp: torch.nn.Module, valid_data, config: PretrainConfig, batches: int = 2) -> float:
-    """Stage I loss at the final T over the first `batches` global batches of the valid split."""
+    """Stage I loss at the final T over the first `batches` global batches of the valid split: the mean over
+    their counted tokens, through the same schedule (forward only)."""
     steps_t = recurrent_steps_at(config.train.steps - 1, config.loop)
     beta = beta_at(config.train.steps - 1, config.loop)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     device = next(ddp.parameters()).device
-    losses = []
+    micro_batches = []
     for step in range(batches):
         for micro in range(config.accumulation_steps):
             first = step * config.data.global_batch_size
             ids, labels = micro_batch(valid_data, first, micro, config.data, dp_rank, dp_size)
-            ids, labels = ids.to(device), labels.to(device)
-            losses.append(ddp(ids, labels, objective="stage1", num_steps=steps_t, beta=beta).loss)
-    value = _dp_mean(torch.stack(losses).mean()).item()
+            micro_batches.append((ids.to(device), labels.to(device)))
+    figures = forward_backward(ddp, micro_batches, objective="stage1", num_steps=steps_t, beta=beta, forward_only=True)
+    value = step_figures(figures, len(micro_batches), steps_t)["loss"]
     return value if math.isfinite(value) else float("nan")

@@ -3,7 +3,8 @@
     results = run_ranks(worker_fn, world_size=2, tmp_path=tmp_path, **kwargs)   # one result per rank
 
 `worker_fn(rank, world_size, **kwargs)` runs after `init_process_group("gloo")` (or `backend="nccl"`, one GPU
-per rank) in each child and returns something torch.save can write. A failure on any rank fails the call with
+per rank) and megatron's CPU patches (`cpu_shim.apply()`, a no-op with CUDA) in each child and returns something
+torch.save can write. A failure on any rank fails the call with
 that rank's traceback.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-TIMEOUT_S = 120
+TIMEOUT_S = 300  # 8 ranks on 2 shared cores
 
 
 def free_port() -> int:
@@ -37,6 +38,9 @@ def _child(rank: int, world_size: int, port: int, out_dir: str, fn, kwargs: dict
 
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        from looplm.model.megatron import cpu_shim
+
+        cpu_shim.apply()  # where the process starts, never from the code under test
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, **kwargs)
         torch.save({"ok": True, "result": result}, out)

@@ -6,6 +6,8 @@ built from the same seed on every rank, so each rank can compare against it with
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 BETA = 0.05
@@ -157,12 +159,37 @@ def resharding(rank: int, world_size: int, root: str) -> dict:
     return out
 
 
+class Crash(Exception):
+    """What `crash_after` raises: the run ends there, without a final checkpoint, as a killed job would."""
+
+
+def crash_after(step: int, logged: list):
+    """A trainer callback that keeps every logged record and ends the run once step `step` is logged."""
+
+    def callback(record: dict) -> None:
+        logged.append(record)
+        if record.get("step", 0) >= step and "loss" in record:
+            raise Crash(f"crashed after step {step}")
+
+    return callback
+
+
 def train(rank: int, world_size: int, runs: list[tuple]) -> list[list]:
-    """Training runs one after another on this gloo group (no Ray): each (config, output, stop_after) through
-    pipelines.training.trainer.train_on_rank; one process start-up for all of them."""
+    """Training runs one after another on this gloo group (no Ray): each (config, output, crash_after_step)
+    through pipelines.training.trainer.train_on_rank; one process start-up for all of them. A run with
+    crash_after_step ends after that step (its records so far are returned); its checkpoints stay."""
     from looplm.pipelines.training.trainer import train_on_rank
 
-    return [train_on_rank(config, output, stop_after=stop_after) for config, output, stop_after in runs]
+    results = []
+    for config, output, stop_after in runs:
+        if stop_after is None:
+            results.append(train_on_rank(config, output))
+            continue
+        logged: list = []
+        with contextlib.suppress(Crash):
+            train_on_rank(config, output, callbacks=[crash_after(stop_after, logged)])
+        results.append(logged)
+    return results
 
 
 def train_with_poisoned_steps(rank: int, world_size: int, config, output: str, poisoned: list[int]) -> list:
@@ -272,4 +299,160 @@ def activation_bytes(rank: int, world_size: int, modes: list[str], steps: int = 
             loss = model(ids, labels, num_steps=steps, beta=BETA).loss
         loss.backward()
         out[mode] = sum(kept.values())
+    return out
+
+
+def pipeline_reference_and_batch(layers: int = 4, batch: int = 8, seq: int = 16):
+    """The reference with `layers` layers (PP=4 needs 4) and a batch of `batch` sequences."""
+    from looplm.model import LoopLM, LoopLMConfig
+
+    config = LoopLMConfig.preset("tiny", num_hidden_layers=layers)
+    torch.manual_seed(3)
+    reference = LoopLM(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    labels = torch.randint(0, config.vocab_size, (batch, seq))
+    labels[:, :3] = -100
+    return config, reference, ids, labels
+
+
+def pipeline_parity(
+    rank: int, world_size: int, cases: list[tuple[int, int, bool]], root: str, steps: int = 4, micro_batch: int = 1
+) -> dict:
+    """For each (tensor_parallel, pipeline_parallel, sequence_parallel) case (DP = the rest of the world), one
+    Stage I forward/backward of the batch through the trainer's schedule step (pipelines.training.step) against
+    the single-process reference: loss, per-step CE and exit probabilities, and every gradient."""
+    from megatron.core import parallel_state
+
+    from looplm.model.megatron.checkpointing import import_hf
+    from looplm.model.megatron.config import ParallelConfig
+    from looplm.model.megatron.convert import (
+        gather_pipeline_parallel,
+        gather_tensor_parallel,
+        local_state,
+        megatron_to_hf,
+    )
+    from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
+    from looplm.model.megatron.model import MegatronLoopLM
+    from looplm.model.objectives import stage1_loss
+    from looplm.pipelines.training.step import forward_backward, step_figures
+
+    results = {}
+    for tp, pp, sp in cases:
+        config, reference, ids, labels = pipeline_reference_and_batch()
+        ref_out = stage1_loss(reference, ids, labels, beta=BETA, num_steps=steps)
+        ref_out.loss.backward()
+        ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+        checkpoint = reference.save_pretrained(f"{root}/reference-rank{rank}", overwrite=True)
+        parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp)
+        initialize_model_parallel(parallel, seed=7)
+        model = MegatronLoopLM(config, parallel, seed=7)
+        import_hf(model, checkpoint)
+        ddp = wrap_data_parallel(model, per_token_loss=True)
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        rows = ids.shape[0] // dp
+        mine = range(dp_rank * rows, (dp_rank + 1) * rows)
+        batches = [
+            (ids[i : i + micro_batch], labels[i : i + micro_batch]) for i in range(mine.start, mine.stop, micro_batch)
+        ]
+        ddp.zero_grad_buffer()
+        figures = step_figures(
+            forward_backward(ddp, batches, objective="stage1", num_steps=steps, beta=BETA), len(batches), steps
+        )
+        grads = megatron_to_hf(gather_pipeline_parallel(gather_tensor_parallel(local_state(model, grads=True))), config)
+        errors = relative_errors(grads, ref_grads)
+        results[(tp, pp, sp)] = {
+            "loss": figures["loss"],
+            "ref_loss": ref_out.loss.item(),
+            "tokens": figures["tokens"],
+            "ref_tokens": ref_out.num_tokens,
+            "max_grad_rel_err": max(errors.values()),
+            "worst": max(errors, key=errors.get),
+            "grad_names": sorted(grads) == sorted(ref_grads),
+            "ce_per_step": figures["ce_per_step"] if rows == ids.shape[0] else None,
+            "ref_ce_per_step": ref_out.ce_per_step.tolist(),
+            "naive_loss": naive_per_stage_loop_loss(reference, ids, labels, pp, steps) if pp > 1 else None,
+        }
+    return results
+
+
+def naive_per_stage_loop_loss(reference, ids, labels, stages: int, steps: int) -> float:
+    """Stage I loss of the naive pipeline: each stage loops its own layers T times, (L0 L1)xT -> (L2 L3)xT, the
+    final norm, head and gate after each of the last stage's loops. Not the LoopLM; what the parity test rejects."""
+    from looplm.model import LoopLM
+    from looplm.model.looplm import LoopLMOutput, exit_distribution, positions_and_mask
+    from looplm.model.objectives import stage1_loss
+
+    class NaivePipelineLoop(LoopLM):
+        def forward(self, input_ids, num_steps=None, *, attention_mask=None, return_logits=True, return_kv=False):
+            h = self.model.embed_tokens(input_ids)
+            positions, mask = positions_and_mask(attention_mask, *input_ids.shape, input_ids.device)
+            cos, sin = self.rope(positions, h.dtype)
+            per_stage = len(self.model.layers) // stages
+            states = []
+            for stage in range(stages):
+                for _ in range(num_steps):
+                    for layer in self.model.layers[stage * per_stage : (stage + 1) * per_stage]:
+                        h, _ = layer(h, cos, sin, mask, None)
+                    if stage == stages - 1:
+                        h = self.model.norm(h)
+                        states.append(h)
+            gates = torch.stack([self.exit_gate(h) for h in states], dim=-1)
+            return LoopLMOutput(hidden_states=states, gate_logits=gates, exit_probs=exit_distribution(gates))
+
+    naive = NaivePipelineLoop(reference.config)
+    naive.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        return stage1_loss(naive, ids, labels, beta=BETA, num_steps=steps).loss.item()
+
+
+def pipeline_training(rank: int, world_size: int, root: str, configs: dict, crash_at: int) -> dict:
+    """Trainer runs on 2 ranks around PP=2 (configs: "pp2" = PP=2, "pp1" = PP=1 x DP=2, same batches,
+    "pp2_megatron" = PP=2 with megatron-core's DistributedOptimizer): all three straight; PP=2 crashed after
+    `crash_at` then resumed at PP=2 and (a copy) at PP=1; PP=1 crashed then resumed at PP=2. Then the model
+    alone: PP=2 <-> PP=1 through save_model/load_model, compared exactly."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from looplm.model.megatron import checkpointing
+    from looplm.model.megatron.config import ParallelConfig
+    from looplm.model.megatron.convert import gather_pipeline_parallel, local_state
+    from looplm.model.megatron.distributed import initialize_model_parallel
+    from looplm.model.megatron.model import MegatronLoopLM
+
+    def run(name: str, output: str, crash: int | None = None) -> list:
+        return train(rank, world_size, [(configs[name], f"{root}/{output}", crash)])[0]
+
+    out = {"pp2": run("pp2", "pp2"), "pp1": run("pp1", "pp1"), "pp2_megatron": run("pp2_megatron", "pp2-megatron")}
+    out["pp2_crashed"] = run("pp2", "pp2-resumed", crash_at)
+    if rank == 0:
+        shutil.copytree(f"{root}/pp2-resumed", f"{root}/pp2-moved")
+    dist.barrier()
+    out["pp2_resumed"] = run("pp2", "pp2-resumed")
+    out["pp2_moved_to_pp1"] = run("pp1", "pp2-moved")
+    run("pp1", "pp1-moved", crash_at)
+    out["pp1_moved_to_pp2"] = run("pp2", "pp1-moved")
+
+    config = configs["pp2"].model.build()
+
+    def build(pp: int, seed: int):
+        parallel = ParallelConfig(pipeline_parallel=pp)
+        initialize_model_parallel(parallel, seed=seed)
+        return MegatronLoopLM(config, parallel, seed=seed)
+
+    def full(model) -> dict:
+        return gather_pipeline_parallel(local_state(model))
+
+    saved_pp2 = build(2, seed=21)
+    checkpointing.save_model(saved_pp2, Path(root) / "model-pp2")
+    reference = full(saved_pp2)
+    pp1 = build(1, seed=22)
+    out["pp1_differs_before_load"] = any(not torch.equal(full(pp1)[n], reference[n]) for n in reference)
+    checkpointing.load_model(pp1, Path(root) / "model-pp2")
+    out["pp2_to_pp1_exact"] = all(torch.equal(full(pp1)[n], reference[n]) for n in reference)
+    checkpointing.save_model(pp1, Path(root) / "model-pp1")
+    pp2 = build(2, seed=23)
+    checkpointing.load_model(pp2, Path(root) / "model-pp1")
+    out["pp1_to_pp2_exact"] = all(torch.equal(full(pp2)[n], reference[n]) for n in reference)
     return out

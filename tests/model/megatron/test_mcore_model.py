@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _mcore_spawn import run_ranks
@@ -19,11 +21,11 @@ def test_tensor_parallel_must_divide_heads():
         ParallelConfig(tensor_parallel=4).check_model(LoopLMConfig.preset("tiny"))  # 2 KV heads
 
 
-def test_fp8_and_pipeline_parallel_are_errors_not_silently_ignored():
+def test_fp8_and_impossible_layouts_are_errors_not_silently_ignored():
     with pytest.raises(ConfigError, match="fp8"):
         ParallelConfig(fp8="hybrid", fp8_recipe="mxfp8")  # the local FP8 linear has no MXFP8
-    with pytest.raises(ConfigError, match="pipeline_parallel"):
-        ParallelConfig(pipeline_parallel=2)
+    with pytest.raises(ConfigError, match=r"pipeline_parallel \(3\) does not divide num_hidden_layers \(2\)"):
+        ParallelConfig(pipeline_parallel=3).check_model(LoopLMConfig.preset("tiny"))
     with pytest.raises(ConfigError, match="sequence_parallel"):
         ParallelConfig(sequence_parallel=True)
 
@@ -56,3 +58,16 @@ def test_per_step_logits_are_not_kept_for_backward(tmp_path):
     (counts,) = run_ranks(saved_logit_tensors, 1, tmp_path)
     assert counts["control"] >= 1, counts  # the hook does see logits when the head is not checkpointed
     assert counts["checkpointed"] == 0, counts
+
+
+def test_pipeline_config_errors_name_the_fields():
+    from looplm.infra.configs import load_config
+    from looplm.pipelines.training.config import PretrainConfig
+
+    tiny = Path(__file__).resolve().parents[3] / "configs" / "train-tiny-cpu.yaml"
+    small = ["parallel.pipeline_parallel=2", "data.micro_batch_size=4"]
+    with pytest.raises(ValueError, match="needs at least 2 micro-batches per step on each DP rank"):
+        load_config(PretrainConfig, tiny, [*small, "data.global_batch_size=4"])
+    with pytest.raises(ValueError, match="runs the Stage I objective only"):
+        load_config(PretrainConfig, tiny, [*small, "data.global_batch_size=8", "train.objective=stage2"])
+    assert load_config(PretrainConfig, tiny, [*small, "data.global_batch_size=8"]).world_size == 2
