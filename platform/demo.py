@@ -5,9 +5,11 @@
 It starts a local Ray bound to 127.0.0.1 and an MLflow server on 127.0.0.1 (store: runs/mlflow; an
 MLFLOW_TRACKING_URI that answers is used instead), then runs the experiment: curation on Ray Data over the
 generated corpus with planted defects, the tokenizer and packing, the tiny LoopLM on megatron-core on Ray Train
-(one CPU worker), Stage II, evaluation (per-step metrics, early-exit curves) and registration. A second run is
-all cache hits. At the end it prints what each step produced, the key metrics, the MLflow UI address and how to
-start things again, and stops the servers it started unless --keep.
+(one CPU worker), Stage II, evaluation (per-step metrics, early-exit curves), registration and a Ray Serve
+deployment, then sends one completion through the official `openai` client. A second run is all cache hits up to
+the deployment. At the end it prints what each step produced, the key metrics, the MLflow UI and endpoint
+addresses and how to start things again, and stops the servers it started unless --keep (then it serves until
+Ctrl-C).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def summary(experiment, result, seconds: float, tracking_uri: str) -> str:
     registered = records.get("register")
     if registered is not None:
         lines.append(f"  register  {registered.model_uri} (alias {registered.alias})")
+    endpoint = records.get("deploy")
+    if endpoint is not None:
+        lines.append(
+            f"  deploy    {endpoint.base_url} serves {endpoint.served} as {endpoint.model!r} ({endpoint.kv_cache})"
+        )
     lines += [
         f"MLflow: {tracking_uri} (pipeline run {result.run_id})",
         "again: `make demo` (all cached), `looplm run configs/demo.yaml --force pretrain` (retrain),",
@@ -57,10 +64,21 @@ def summary(experiment, result, seconds: float, tracking_uri: str) -> str:
     return "\n".join(lines)
 
 
+def ask_endpoint(endpoint, prompt: str = "Alice Smith was born on") -> str:
+    """One completion through the official `openai` client, as an application would call the endpoint."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=endpoint.base_url, api_key="unused")  # the demo deployment sets no API keys
+    completion = client.completions.create(model=endpoint.model, prompt=prompt, max_tokens=24, temperature=0)
+    steps = getattr(completion.usage, "average_recurrent_steps", None)
+    depth = f"; {steps:.2f} recurrent steps per token" if steps is not None else ""
+    return f"openai client: {prompt!r} -> {completion.choices[0].text!r}{depth}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="looplm demo", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps.pretrain.config.train.steps=50")
-    parser.add_argument("--keep", action="store_true", help="leave the MLflow server running at the end")
+    parser.add_argument("--keep", action="store_true", help="keep MLflow and the endpoint up (serve until Ctrl-C)")
     parser.add_argument("--root", help="where step outputs go (default: the experiment's root, runs/demo)")
     parser.add_argument("--force", action="append", default=[], metavar="STEP", help="rerun STEP and downstream")
     args = parser.parse_args(argv)
@@ -79,7 +97,12 @@ def run_demo(overrides: list[str], *, keep: bool = False, force: list[str] | Non
             started = time.perf_counter()
             result = run_experiment(experiment, force=force, tracking_uri=tracking_uri)
             seconds = time.perf_counter() - started
-        print(summary(experiment, result, seconds, tracking_uri), flush=True)
+            print(summary(experiment, result, seconds, tracking_uri), flush=True)
+            endpoint = result.records.get("deploy")
+            if endpoint is not None:
+                print(ask_endpoint(endpoint), flush=True)
+                if keep and ray_info.started_local:
+                    _serve_until_interrupted(endpoint)
     finally:
         if server is not None and not keep:
             server.stop()
@@ -87,6 +110,16 @@ def run_demo(overrides: list[str], *, keep: bool = False, force: list[str] | Non
         elif server is not None:
             print(f"MLflow server kept at {server.url} (pid {server.pid}); stop it with `kill {server.pid}`")
     return 0
+
+
+def _serve_until_interrupted(endpoint) -> None:
+    playground = endpoint.base_url.removesuffix("/v1") + "/"
+    print(f"serving {endpoint.base_url} (playground: {playground}) until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the endpoint and the local Ray", flush=True)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -62,3 +62,13 @@ class RegisteredModel:
     name: str
     version: int
     alias: str | None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """deploy: the OpenAI-compatible endpoint serving the model (live only while its Ray cluster runs)."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str  # the model name clients ask for
+    served: str  # what it serves: a models:/ URI or an HF folder
+    kv_cache: str

@@ -6,6 +6,7 @@
     evaluate  EvalConfig       per-step metrics, exit curves, plots           -> EvalMetrics    inputs: model, stage1,
                                                                                                     data
     register  RegisterConfig   the model in the MLflow registry               -> RegisteredModel inputs: model, metrics
+    deploy    DeployConfig     the model on Ray Serve, OpenAI-compatible      -> Endpoint       inputs: model
 
 Inputs by role: a step's config names its inputs by placeholder (`data.manifest: "@curate"`, `train.init_from_hf:
 "@pretrain"`, `model: "@gate"`), which `KINDS[kind].fill` writes from the experiment's `inputs:` so that the hash
@@ -30,7 +31,7 @@ from looplm.pipelines.curate import CurateConfig
 from looplm.pipelines.evaluate import EvalConfig
 from looplm.pipelines.training.config import PretrainConfig
 
-from .records import CuratedData, EvalMetrics, RegisteredModel, TrainedModel, UpcycledModel
+from .records import CuratedData, Endpoint, EvalMetrics, RegisteredModel, TrainedModel, UpcycledModel
 
 PLACEHOLDER = "@"  # "@<step>": filled with that step's output at run time
 
@@ -40,6 +41,16 @@ class RegisterConfig:
     name: str = "looplm"  # the registered model's name
     alias: str | None = None  # e.g. "champion": set on the new version
     description: str | None = None
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    name: str = "looplm"  # the model name clients ask for
+    host: str = "127.0.0.1"  # loopback unless a deployment says otherwise
+    port: int = 8000
+    kv_cache: str = "per_step"  # shared caches (last_step, average) are a deliberate choice: see serving/
+    max_batch_size: int = 32
+    num_cpus: float = 1.0  # what the replica reserves
 
 
 @dataclass(frozen=True)
@@ -263,6 +274,28 @@ def register_step(config: RegisterConfig, inputs: dict, context: Any) -> Registe
     return RegisteredModel(model_uri=uri, name=config.name, version=int(version.version), alias=config.alias)
 
 
+# ---------------------------------------------------------------- deploy
+
+
+def deploy_step(config: DeployConfig, inputs: dict, context: Any) -> Endpoint:
+    """Serve the model on the connected Ray cluster: a registered model by its URI (the replica downloads it from
+    the tracking server), any other model record by its HF folder. Returns once the endpoint answers."""
+    from looplm.serving import EngineConfig, ServeConfig, deploy
+
+    upstream = inputs["model"]
+    served = getattr(upstream.record, "model_uri", None) or str(upstream.path(upstream.record.hf))
+    serve_config = ServeConfig(
+        engine=EngineConfig(kv_cache=config.kv_cache, max_batch_size=config.max_batch_size),
+        num_cpus=config.num_cpus,
+        tracking_uri=context.tracker.tracking_uri if context.tracker is not None else None,
+    )
+    base_url = deploy(served, name=config.name, host=config.host, port=config.port, config=serve_config)
+    print(f"[{context.name}] {served} answers at {base_url} as model {config.name!r}", flush=True)
+    if context.tracker is not None:
+        context.tracker.set_tags({"looplm.endpoint": base_url, "looplm.served": served})
+    return Endpoint(base_url=base_url, model=config.name, served=served, kv_cache=config.kv_cache)
+
+
 # ---------------------------------------------------------------- the table of kinds
 
 
@@ -303,8 +336,8 @@ KINDS: dict[str, Kind] = {
         EvalConfig, evaluate_step, roles=("model", "stage1", "data"), required=("model",), fill=_fill_evaluate
     ),
     "register": Kind(RegisterConfig, register_step, roles=("model", "metrics"), required=("model",), num_cpus=0),
-    # deploy (the serving issue): Kind(DeployConfig, deploy_step, roles=("model",), required=("model",),
-    # num_cpus=0, cacheable=False), returning an Endpoint record, and a `deploy` entry in configs/demo.yaml.
+    # A live endpoint is not files: deploy runs every time (its upstream steps stay cached).
+    "deploy": Kind(DeployConfig, deploy_step, roles=("model",), required=("model",), num_cpus=0, cacheable=False),
 }
 
 
