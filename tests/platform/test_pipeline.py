@@ -3,7 +3,8 @@
 One training run is shared by the module: the first pipeline run fails in evaluation (its data file does not
 exist yet: a bad input of the test's making, no hook in the code), the rerun resumes there, a third run is all
 cache hits. The other tests read those outputs: the hand-off (batches hold the curated tokens, the export carries
-the tokenizer), the dry run after a training field changes, `kill -9` of a driver mid-training (the losses of its
+the tokenizer), the endpoint the deploy step leaves answering the `openai` client, the dry run after a training
+field changes, `kill -9` of a driver mid-training (the losses of its
 resumed run equal the uninterrupted run's), and `ray job submit` to a `ray start --head` on 127.0.0.1.
 """
 
@@ -61,6 +62,8 @@ SMALL = [
     "steps.evaluate.config.exits.histogram_thresholds=[0.5]",
     "steps.evaluate.config.exits.hdiff_quantiles=[0.5]",
     f"steps.register.config.name={REGISTERED}",
+    "steps.deploy.config.name=pipeline-test",
+    "steps.deploy.config.num_cpus=0.5",
 ]
 
 
@@ -76,7 +79,20 @@ class Pipeline:
 
 
 def small_overrides(root: Path, eval_text: Path) -> list[str]:
-    return [*SMALL, f"root={root}", f"steps.evaluate.config.data.path={eval_text}"]
+    return [
+        *SMALL,
+        f"root={root}",
+        f"steps.evaluate.config.data.path={eval_text}",
+        f"steps.deploy.config.port={_free_port()}",
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +127,14 @@ def pipeline(tmp_path_factory, mlflow_server, local_ray) -> Pipeline:
 def test_failure_in_evaluation_resumes_there_without_retraining(pipeline):
     assert "step 'evaluate' failed" in pipeline.failed_first and "eval.jsonl not found" in pipeline.failed_first
     resumed = {row[0]: row[1] for row in pipeline.runs[0].table}
-    assert resumed == {"curate": "cached", "pretrain": "cached", "gate": "cached", "evaluate": "run", "register": "run"}
+    assert resumed == {
+        "curate": "cached",
+        "pretrain": "cached",
+        "gate": "cached",
+        "evaluate": "run",
+        "register": "run",
+        "deploy": "run",
+    }
     assert pipeline.train_stamp  # the training outputs, untouched by the resumed run
     for path, stamp in pipeline.train_stamp.items():
         assert Path(path).stat().st_mtime_ns == stamp, path
@@ -141,7 +164,7 @@ def test_every_step_hands_off_and_mlflow_holds_the_runs_and_the_model(pipeline):
         "gate": "FINISHED",
         "evaluate": "FAILED",
     }
-    assert nested[second.info.run_id] == {"evaluate": "FINISHED", "register": "FINISHED"}
+    assert nested[second.info.run_id] == {"evaluate": "FINISHED", "register": "FINISHED", "deploy": "FINISHED"}
     assert second.data.tags["looplm.cached.pretrain"].endswith(Path(result.folders["pretrain"]).name)
     version = client.get_model_version(REGISTERED, uri.rsplit("/", 1)[1])
     assert version.status == "READY"
@@ -157,10 +180,23 @@ def _download(uri: str, tracking_uri: str) -> Path:
     return resolve_model_dir(uri, tracking_uri=tracking_uri)
 
 
-def test_second_run_is_all_cache_hits(pipeline):
+def test_second_run_is_all_cache_hits_up_to_the_deployment(pipeline):
     cached = pipeline.runs[1]
-    assert [row[1] for row in cached.table] == ["cached"] * 5
+    assert [row[1] for row in cached.table] == ["cached"] * 5 + ["run"]  # a live endpoint is deployed every time
     assert cached.records == pipeline.runs[0].records
+
+
+def test_the_deployed_endpoint_serves_the_registered_model_to_the_openai_client(pipeline):
+    from openai import OpenAI
+
+    endpoint = pipeline.runs[1].records["deploy"]
+    assert endpoint.served == pipeline.runs[1].records["register"].model_uri  # from the registry, by its URI
+    assert endpoint.base_url.startswith("http://127.0.0.1:")
+    client = OpenAI(base_url=endpoint.base_url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == [endpoint.model]
+    completion = client.completions.create(model=endpoint.model, prompt="Alice was born", max_tokens=8, temperature=0)
+    assert completion.usage.completion_tokens == 8 and completion.choices[0].text
+    assert 1 <= completion.usage.average_recurrent_steps <= 4
 
 
 def test_training_batches_hold_the_curated_tokens_and_the_export_carries_the_tokenizer(pipeline):
