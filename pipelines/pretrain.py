@@ -270,7 +270,10 @@ def print_record(record: dict[str, Any]) -> None:
 
 def run_from_args(args) -> int:
     """`looplm train CONFIG [overrides] [--output DIR]`."""
+    from looplm.infra.mlflow_server import check_tracking_server
+
     config = load_config(PretrainConfig, args.config, list(args.overrides or []))
+    check_tracking_server()  # as eval does: a dead MLFLOW_TRACKING_URI is refused before Ray starts
     output = Path(getattr(args, "output", None) or Path("runs") / f"train-{config.name}")
     parallel = config.parallel
     print(
