@@ -73,6 +73,7 @@ def test_builtin_eval_is_off_by_default():
     assert CurateConfig().builtin_eval is False
 
 
+@pytest.mark.slow
 def test_own_files_compressed_folder_reused_ids_overstrike_curation_only(local_ray, tmp_path):
     """One run over a folder of .jsonl.gz and .jsonl.zst files whose ids repeat, and a fortune in overstrike."""
     web = tmp_path / "web"
