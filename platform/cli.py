@@ -32,6 +32,27 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("looplm.serving.app", "run_from_args", "serve a model on Ray Serve with an OpenAI-compatible API"),
 }
 WITH_CONFIG = {"curate", "train", "eval", "run", "status"}
+# Errors that mean the input is wrong (a config, a file, a URI, a server address), by module and class: looked up in
+# sys.modules when one is raised, so recognising them imports nothing. They print one line and exit 2; anything
+# else is a bug and keeps its traceback. `--debug` shows the traceback of any error.
+USER_ERRORS = (
+    ("looplm.infra.configs", "ConfigFileError"),
+    ("looplm.model.config", "ConfigError"),  # VocabularyTooLargeError too
+    ("looplm.model.checkpoint", "CheckpointError"),
+    ("looplm.infra.registry", "ModelNotFoundError"),
+    ("looplm.infra.mlflow_server", "MlflowServerError"),
+    ("looplm.pipelines.sources", "SourceError"),
+    ("looplm.pipelines.curation.checks", "LowYieldError"),
+    ("looplm.platform.executor", "LockHeldError"),
+)
+
+
+def is_user_error(err: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
+        command.add_argument("--debug", action="store_true", help="show the traceback of any error")
         if name in WITH_CONFIG:
             command.add_argument("config", help="experiment YAML file")
             command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
@@ -83,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, function, _ = COMMANDS[args.command]
-    from looplm.infra.configs import ConfigFileError
-
     try:
         return int(getattr(importlib.import_module(module), function)(args) or 0)
-    except ConfigFileError as err:  # a bad file or override: the message names it; a traceback adds nothing
-        print(f"looplm {args.command}: {err}", file=sys.stderr)
+    except Exception as err:
+        if args.debug or not is_user_error(err):
+            raise
+        print(f"looplm {args.command}: {err}", file=sys.stderr)  # the message names the problem and where
         return 2
 
 
