@@ -34,6 +34,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from looplm.model.atomic import atomic_write_text
 from looplm.model.megatron.checkpointing import load_model
 
 LATEST = "latest"
@@ -183,9 +184,7 @@ def save(
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
+        atomic_write_text(root / LATEST, final.name + "\n")
         if keep is not None:
             complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             for old in complete[:-keep]:
