@@ -29,18 +29,19 @@ from .convert import (
 )
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """dist.barrier() when a process group exists (these helpers also run in one plain process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
-def _rank() -> int:
+def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def save_model(model: torch.nn.Module, directory: str | Path) -> None:
     """The model's sharded state dict into an empty or new folder (collective)."""
-    _save({"model": model.sharded_state_dict()}, Path(directory))
+    save_sharded({"model": model.sharded_state_dict()}, Path(directory))
 
 
 def load_model(model: torch.nn.Module, directory: str | Path) -> None:
@@ -50,12 +51,13 @@ def load_model(model: torch.nn.Module, directory: str | Path) -> None:
     model.load_state_dict(state["model"], strict=True)
 
 
-def _save(sharded: dict[str, Any], directory: Path) -> None:
-    if _rank() == 0:
+def save_sharded(sharded: dict[str, Any], directory: Path) -> None:
+    """A sharded state dict (model, optimizer, ...) into `directory` with dist_checkpointing (collective)."""
+    if rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(sharded, str(directory))
-    _barrier()
+    barrier()
 
 
 def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Path) -> Path | None:
@@ -66,12 +68,12 @@ def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Pat
 
     state = megatron_to_hf(gather_pipeline_parallel(gather_tensor_parallel(local_state(model))), config)
     path = None
-    if _rank() == 0:
+    if rank() == 0:
         # In the training dtype: a bf16 run exports bf16 weights, like the released Ouro checkpoints.
         reference = LoopLM(config).to(next(model.parameters()).dtype)
         reference.load_state_dict(state, strict=True)
         path = save_pretrained(reference, directory, overwrite=True)
-    _barrier()
+    barrier()
     return path
 
 

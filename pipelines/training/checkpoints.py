@@ -35,26 +35,9 @@ from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_p
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from looplm.model.atomic import atomic_write_text
-from looplm.model.megatron.checkpointing import load_model
+from looplm.model.megatron.checkpointing import barrier, load_model, rank, save_sharded
 
 LATEST = "latest"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _save(sharded: dict[str, Any], directory: Path) -> None:
-    if _rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    dist_checkpointing.save(sharded, str(directory))
-    _barrier()
 
 
 def _initialise_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -169,19 +152,19 @@ def save(
     """
     root = Path(root)
     final, staging = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sharded = model.sharded_state_dict()
     optim_sharded = _optimizer_sharded(optimizer, model_sharded, is_loading=False)
-    _save({"model": model_sharded, "optimizer": optim_sharded}, staging / "state")
-    torch.save({"rng": rng_state()}, staging / f"rank_{_rank()}.pt")
-    if _rank() == 0:
+    save_sharded({"model": model_sharded, "optimizer": optim_sharded}, staging / "state")
+    torch.save({"rng": rng_state()}, staging / f"rank_{rank()}.pt")
+    if rank() == 0:
         record = {"step": step, "layout": _layout(), **trainer_state}
         (staging / "trainer.json").write_text(json.dumps(record, indent=2) + "\n")
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         atomic_write_text(root / LATEST, final.name + "\n")
@@ -189,7 +172,7 @@ def save(
             complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             for old in complete[:-keep]:
                 shutil.rmtree(old)
-    _barrier()
+    barrier()
     return final
 
 
@@ -221,5 +204,5 @@ def load(folder: str | Path, model: torch.nn.Module, optimizer: Any | None) -> d
     model.load_state_dict(state["model"], strict=True)
     _load_optimizer_state(optimizer, state["optimizer"])
     if record["layout"] == _layout():
-        set_rng_state(torch.load(folder / f"rank_{_rank()}.pt", weights_only=False)["rng"])
+        set_rng_state(torch.load(folder / f"rank_{rank()}.pt", weights_only=False)["rng"])
     return record
