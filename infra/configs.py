@@ -14,6 +14,7 @@ and nested dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,9 @@ T = TypeVar("T")
 
 class ConfigFileError(ValueError):
     """A config file or override that does not fit its dataclass; the message names where."""
+
+
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
@@ -73,6 +77,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigFileError(f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string; YAML 1.2 as a number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigFileError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -172,21 +178,30 @@ def build_config(cls: type[T], data: dict[str, Any], where: str) -> T:
     return _build(cls, data, where)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a non-empty mapping; errors name the file and what is wrong with it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigFileError(f"{what} {path} is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigFileError(f"{what} {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"{path} is not valid YAML: {err}") from None
+    if data is None:  # an empty file would silently mean "every default"
+        raise ConfigFileError(f"{path} is empty; write the fields to set (an empty mapping `{{}}` keeps the defaults)")
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the top level must be a mapping")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from a YAML file (or its defaults when path is None) plus dotted overrides."""
     data: dict[str, Any] = {}
     where = cls.__name__
     if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigFileError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigFileError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigFileError(f"{path}: the top level must be a mapping")
+        data, where = read_yaml_mapping(path), str(path)
     try:
         defaults = to_dict(cls())
     except (TypeError, ValueError):  # a config without complete defaults: lists must then come from the file

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from looplm.infra.configs import ConfigFileError, apply_overrides, build_config, to_dict
+from looplm.infra.configs import ConfigFileError, apply_overrides, build_config, read_yaml_mapping, to_dict
 
 from .executor import LockSettings, PipelineResult, Step, Storage, format_plan, plan, run_steps, status_rows
 from .steps import KINDS
@@ -61,18 +59,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigFileError(f"{what} {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigFileError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"{path}: the top level must be a mapping")
-    return data
-
-
 def _defaults(cls: type) -> dict[str, Any] | None:
     try:
         return to_dict(cls())
@@ -84,7 +70,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     path = Path(path)
     overrides = list(overrides or [])
     step_overrides = [o for o in overrides if o.startswith("steps.") and ".config." in o.partition("=")[0]]
-    data = apply_overrides(_read_yaml(path, "experiment file"), [o for o in overrides if o not in step_overrides])
+    top_overrides = [o for o in overrides if o not in step_overrides]
+    data = apply_overrides(read_yaml_mapping(path, "experiment file"), top_overrides)
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
         raise ConfigFileError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL)}")
@@ -121,7 +108,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
             raise ConfigFileError(f"{where}.inputs: a {kind_name} step needs {', '.join(missing)}")
         config_data: dict[str, Any] = {}
         if entry.get("config_file"):
-            config_data = _read_yaml(path.parent / entry["config_file"], f"{where}.config_file:")
+            config_data = read_yaml_mapping(path.parent / entry["config_file"], f"{where}.config_file:")
         config_data = _merge(config_data, entry.get("config") or {})
         prefix = f"steps.{step_name}.config."
         mine = [o[len(prefix) :] for o in step_overrides if o.startswith(prefix)]
