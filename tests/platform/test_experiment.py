@@ -43,11 +43,13 @@ def test_a_list_the_file_leaves_to_defaults_can_still_be_indexed(tmp_path):
 
 def test_the_demo_experiment_maps_onto_the_configs_with_step_placeholders():
     experiment = load_experiment(DEMO)
-    assert [s.name for s in experiment.steps] == ["curate", "pretrain", "gate", "evaluate", "register"]
+    assert [s.name for s in experiment.steps] == ["curate", "pretrain", "gate", "evaluate", "register", "deploy"]
     gate = experiment.step("gate")
     assert gate.config.data.manifest == "@curate" and gate.config.train.init_from_hf == "@pretrain"
     assert {role: up.name for role, up in gate.inputs.items()} == {"data": "curate", "init": "pretrain"}
     assert experiment.step("evaluate").config.model == "@gate"
+    deploy = experiment.step("deploy")
+    assert deploy.inputs["model"].name == "register" and not deploy.cacheable
     assert experiment.step("pretrain").num_cpus == 0  # starts Ray Train from inside its task
 
 

@@ -281,6 +281,7 @@ def test_dry_run_after_a_training_field_changes_marks_training_and_downstream(pi
         "gate": "run",
         "evaluate": "run",
         "register": "run",
+        "deploy": "run",
     }
     text = format_plan(planned)
     assert "config optim.lr: 0.003 -> 0.002" in text

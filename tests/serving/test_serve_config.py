@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_serve_config_file_builds_the_app(tiny_checkpoint):
-    config = yaml.safe_load((REPO / "configs" / "serve-demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
     (application,) = config["applications"]
     assert application["import_path"] == "looplm.serving.app:build"
