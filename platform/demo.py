@@ -58,7 +58,7 @@ def summary(experiment, result, seconds: float, tracking_uri: str) -> str:
         )
     lines += [
         f"MLflow: {tracking_uri} (pipeline run {result.run_id})",
-        "again: `make demo` (all cached), `looplm run configs/demo.yaml --force pretrain` (retrain),",
+        "again: `make demo` (cached up to the deployment), `looplm run configs/demo.yaml --force pretrain`,",
         "       `looplm status configs/demo.yaml`, `looplm mlflow` (the UI on runs/mlflow)",
     ]
     return "\n".join(lines)
