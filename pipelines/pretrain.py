@@ -15,8 +15,10 @@ the job, never from a rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -60,8 +62,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
     def write_metrics(record: dict[str, Any]) -> None:
         if rank == 0:
-            with open(output / METRICS_FILE, "a") as sink:
-                sink.write(json.dumps(record) + "\n")
+            append_record(output / METRICS_FILE, record)
 
     def report(record: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float)})
@@ -86,15 +87,40 @@ def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line. A crash can leave a last line half-written: the new record then starts on a line of
+    its own, so the torn fragment stays one unreadable line instead of corrupting the record after it."""
+    with open(path, "ab") as sink:
+        torn = sink.tell() > 0 and _last_byte(path) != b"\n"
+        sink.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as source:
+        source.seek(-1, os.SEEK_END)
+        return source.read(1)
+
+
 def read_metrics(output: str | Path) -> list[dict[str, Any]]:
-    """The logged records, one per step (a step logged again after a restart keeps its last record)."""
+    """The logged records, one per step (a step logged again after a restart keeps its last record). Lines a
+    crash left half-written are skipped, and said."""
     path = Path(output) / METRICS_FILE
     if not path.is_file():
         return []
     by_step: dict[tuple[int, bool], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    torn = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(number)
+            continue
         by_step[(record["step"], "valid_loss" in record)] = record
+    if torn:
+        print(
+            f"{path}: skipped {len(torn)} line(s) a crash left half-written (line {', '.join(map(str, torn))})",
+            file=sys.stderr,
+        )
     return [by_step[key] for key in sorted(by_step)]
 
 
@@ -118,7 +144,8 @@ def following(path: Path, on_record: Callable[[dict[str, Any]], None] | None) ->
                 complete = chunk[: chunk.rfind("\n") + 1]  # a line still being written waits for the next poll
                 seen += len(complete.encode())
                 for line in complete.splitlines():
-                    on_record(json.loads(line))
+                    with contextlib.suppress(json.JSONDecodeError):  # a crash's torn line: read_metrics says so
+                        on_record(json.loads(line))
             if finished:
                 return
 
