@@ -101,6 +101,8 @@ def train_on_rank(
             )
         record = checkpoints.load(folder, model, optimizer)
         start, skipped = record["step"], record.get("skipped_steps", 0)
+        if dist.get_rank() == 0:
+            print(f"resuming from {folder} at step {start} of {config.train.steps}", flush=True)
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     device = next(model.parameters()).device

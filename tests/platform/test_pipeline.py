@@ -331,14 +331,14 @@ def test_kill_9_of_the_driver_mid_training_resumes_from_the_last_checkpoint(pipe
         found = list(root.glob("pretrain-*/metrics.jsonl"))
         if found and (found[0].parent / "checkpoints" / "latest").exists():
             metrics = found[0]
-            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+            steps = [r["step"] for r in _records(metrics)]
             if steps and 5 <= max(steps) < 12:
                 break
         time.sleep(0.2)
     assert metrics is not None and driver.poll() is None, "the driver ended before it could be killed mid-training"
     _kill_tree(process)  # the driver and the local Ray it started
     folder = metrics.parent
-    killed_at = max(json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip())
+    killed_at = max(r["step"] for r in _records(metrics))
     assert not (folder / SUCCESS).exists() and killed_at < 12
     time.sleep(4.5)  # the lock's heartbeat is now older than LOOPLM_LOCK_EXPIRY_S
     rerun = subprocess.run(
@@ -346,7 +346,9 @@ def test_kill_9_of_the_driver_mid_training_resumes_from_the_last_checkpoint(pipe
     )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert (folder / SUCCESS).exists()
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    said = re.search(r"resuming from \S+step_0*(\d+) at step (\d+) of 12", rerun.stdout + rerun.stderr)
+    assert said and said.group(1) == said.group(2) and int(said.group(2)) <= killed_at  # the run says so
+    lines = _records(metrics)
     # Resumed from a checkpoint, not from scratch: step 1 was logged once, by the killed run.
     assert [r["step"] for r in lines].count(1) == 1
     assert max(r["step"] for r in lines) == 12
@@ -356,6 +358,15 @@ def test_kill_9_of_the_driver_mid_training_resumes_from_the_last_checkpoint(pipe
     for step, record in uninterrupted.items():
         assert resumed[step]["loss"] == record["loss"], step
         assert resumed[step]["grad_norm"] == record["grad_norm"], step
+
+
+def _records(metrics: Path) -> list[dict]:
+    """Every record of a metrics.jsonl, in order; a line torn by the kill is not one."""
+    records = []
+    for line in metrics.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 def test_ray_job_submit_to_a_local_head_puts_outputs_where_the_executor_says(tmp_path):
