@@ -193,7 +193,9 @@ def launch(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     env = {"OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
     local_cpus = None if (ray_address or os.environ.get("RAY_ADDRESS")) else max(2, workers)
-    with ray_session(ray_address, num_cpus=local_cpus, runtime_env={"env_vars": env}):
+    # A local Ray includes its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner asks the State API,
+    # which the dashboard serves, whether the controller lives; without it, it warns every second and cleans nothing.
+    with ray_session(ray_address, num_cpus=local_cpus, include_dashboard=True, runtime_env={"env_vars": env}):
         trainer = TorchTrainer(
             _worker,
             train_loop_config={

@@ -92,7 +92,9 @@ def run_demo(overrides: list[str], *, keep: bool = False, force: list[str] | Non
     experiment = load_experiment(DEMO, overrides)
     tracking_uri, server = ensure_tracking_server()
     try:
-        with ray_session(runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}) as ray_info:
+        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+        # With its dashboard on 127.0.0.1: the State API Ray Train's placement-group cleaner polls, and a UI.
+        with ray_session(include_dashboard=True, runtime_env={"env_vars": env}) as ray_info:
             print(f"local Ray at {ray_info.address}; MLflow at {tracking_uri}", flush=True)
             started = time.perf_counter()
             result = run_experiment(experiment, force=force, tracking_uri=tracking_uri)

@@ -695,7 +695,8 @@ def run_steps(
         to_run = [p for p in planned if p.action == "run"]
         if to_run:
             env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
-            with ray_session(ray_address, runtime_env={"env_vars": env}):
+            # The dashboard (127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
+            with ray_session(ray_address, include_dashboard=True, runtime_env={"env_vars": env}):
                 remote = ray.remote(max_retries=0)(execute_step)
                 nodes: dict[str, Any] = {}
                 folders = {p.step.name: p.folder for p in planned}

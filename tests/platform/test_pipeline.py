@@ -348,6 +348,8 @@ def test_kill_9_of_the_driver_mid_training_resumes_from_the_last_checkpoint(pipe
     assert (folder / SUCCESS).exists()
     said = re.search(r"resuming from \S+step_0*(\d+) at step (\d+) of 12", rerun.stdout + rerun.stderr)
     assert said and said.group(1) == said.group(2) and int(said.group(2)) <= killed_at  # the run says so
+    # The local Ray has its dashboard, whose State API Ray Train's placement-group cleaner polls: no warning flood.
+    assert "Failed to query Ray Train Controller actor state" not in rerun.stdout + rerun.stderr
     lines = _records(metrics)
     # Resumed from a checkpoint, not from scratch: step 1 was logged once, by the killed run.
     assert [r["step"] for r in lines].count(1) == 1
