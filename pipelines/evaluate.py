@@ -79,7 +79,7 @@ class LmEvalSettings:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str = "runs/demo/checkpoint"  # a checkpoint folder, models:/NAME/VERSION or models:/NAME@ALIAS
+    model: str = "models:/looplm-demo@demo"  # make demo's model; a checkpoint folder, models:/NAME/VERSION or @ALIAS
     stage1_model: str | None = None  # the same LM before Stage II: its gate's Q-exit curve is drawn too
     max_steps: int | None = None  # per-step sweep up to here; None: 2 T
     batch_size: int = 16

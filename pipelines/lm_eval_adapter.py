@@ -2,7 +2,7 @@
 model arguments, plus looplm's bundled smoke tasks.
 
     from looplm.pipelines.lm_eval_adapter import run_tasks
-    results = run_tasks("runs/demo/checkpoint", ["looplm_smoke"], num_steps=4, exit_threshold=1.0)
+    results = run_tasks("models:/looplm-demo@demo", ["looplm_smoke"], num_steps=4, exit_threshold=1.0)
 
 or, from a shell, any lm-eval task (its data must already be in the Hugging Face cache, or the task must read
 local files: nothing is downloaded when HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1):

@@ -5,7 +5,7 @@ OpenAI-compatible Ray Serve app with its playground page.
     from looplm.serving import ServeConfig, deploy, shutdown
 
     connect()
-    base_url = deploy("runs/demo/checkpoint")      # "http://127.0.0.1:8000/v1"
+    base_url = deploy("models:/looplm-demo@demo")      # "http://127.0.0.1:8000/v1"
     ...
     shutdown()
 

@@ -1,6 +1,6 @@
 """The Ray Serve application: an OpenAI-compatible server over the looplm engine, and the playground page.
 
-    url = deploy("runs/demo/checkpoint")        # Ray already connected; returns "http://127.0.0.1:8000/v1"
+    url = deploy("models:/looplm-demo@demo")        # Ray already connected; returns "http://127.0.0.1:8000/v1"
     OpenAI(base_url=url, api_key="-").completions.create(model="looplm", prompt="...")
     shutdown()
 

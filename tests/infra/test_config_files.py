@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 
 from looplm.infra.configs import ConfigFileError, load_config
@@ -41,3 +45,29 @@ def test_the_cli_prints_one_line_and_exits_2_for_a_folder_given_as_config(comman
     assert looplm_main([command, str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is a folder, not a YAML file" in err and "Traceback" not in err
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _train_commands() -> list[tuple[str, list[str]]]:
+    """Every `looplm train configs/X.yaml ...` a config file's comments show, each optional [k=v] taken alone."""
+    commands = []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            found = re.match(r"#\s+looplm train (configs/\S+\.yaml)(.*?)(\s+#.*)?$", line)
+            if not found:
+                continue
+            words = shlex.split(found.group(2).replace("[", " [ ").replace("]", " ] "))
+            required, optional, depth = [], [], 0
+            for word in words:
+                depth += (word == "[") - (word == "]")
+                if "=" in word and not word.startswith("-"):
+                    (optional if depth else required).append(word)
+            commands += [(found.group(1), required)] + [(found.group(1), [*required, o]) for o in optional]
+    return commands
+
+
+@pytest.mark.parametrize(("config", "overrides"), _train_commands())
+def test_every_train_command_in_a_config_comment_is_accepted(config, overrides):
+    load_config(PretrainConfig, CONFIGS.parent / config, overrides)
