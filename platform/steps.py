@@ -339,8 +339,3 @@ KINDS: dict[str, Kind] = {
     # A live endpoint is not files: deploy runs every time (its upstream steps stay cached).
     "deploy": Kind(DeployConfig, deploy_step, roles=("model",), required=("model",), num_cpus=0, cacheable=False),
 }
-
-
-def output_path(folder: str | Path, record: Any, attribute: str) -> Path:
-    """A record's relative path made absolute against its step's output folder."""
-    return Path(folder) / getattr(record, attribute)
