@@ -29,6 +29,11 @@ class ConfigFileError(ValueError):
     """A config file or override that does not fit its dataclass; the message names where."""
 
 
+class PathError(ValueError):
+    """A file or folder given to a command that is not what the command needs (missing, the wrong kind, in use);
+    the message names the path."""
+
+
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 

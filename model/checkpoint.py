@@ -13,11 +13,12 @@ into a temporary sibling folder and renames it into place, so a crash never leav
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import staged_folder
@@ -146,6 +147,28 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def open_weights(file: Path) -> Iterator:
+    """`safe_open` of one weight file; a file it cannot read (cut short by a failed copy, not safetensors) is a
+    CheckpointError that names the file, which safetensors' own error does not."""
+    try:
+        reader = safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(f"weight file {file} is not readable safetensors (truncated or corrupt): {err}") from None
+    with reader:
+        yield reader
+
+
+def check_weights(directory: str | Path) -> list[Path]:
+    """The folder's weight files, each with a readable safetensors header (which also covers the file's size):
+    what can be checked without loading a tensor."""
+    files = _weight_files(Path(directory))
+    for file in files:
+        with open_weights(file):
+            pass
+    return files
+
+
 REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
@@ -170,7 +193,7 @@ def load_pretrained(
 
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(directory):
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
+        with open_weights(file) as reader:
             for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if name in tensors:
                     raise CheckpointError(f"tensor {name!r} appears in more than one weight file")

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .atomic import check_free_folder, staged_folder
 from .checkpoint import (
@@ -58,6 +57,7 @@ from .checkpoint import (
     _skeleton_and_shapes,
     _weight_files,
     checkpoint_folder,
+    open_weights,
     read_config_json,
 )
 from .config import ConfigError, LoopLMConfig
@@ -134,7 +134,7 @@ def _source_tensors(directory: Path, config: LoopLMConfig, stack: ExitStack) -> 
     """Each source tensor's name -> an open safe_open reader holding it, checked against the config."""
     readers: dict[str, Any] = {}
     for file in _weight_files(directory):
-        reader = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+        reader = stack.enter_context(open_weights(file))
         for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
             if name in readers:
                 raise CheckpointError(f"tensor {name!r} appears in more than one weight file")

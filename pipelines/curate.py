@@ -39,7 +39,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -259,7 +258,8 @@ def _curate(config: CurateConfig, output: Path) -> dict:
             f"source {source!r}: {entry['documents']} documents share {entry['ids']} ids (e.g. {entry['examples']}); "
             "each is kept as its own document (keys are file:line), but check id_field and the files"
         )
-    for message in warnings:
+    failing = bool(problems) and config.expect.on_low_yield == "error"
+    for message in warnings[len(problems) :] if failing else warnings:  # the error below says the problems once
         warn(message)
     extra = {
         "warnings": warnings,
@@ -271,7 +271,7 @@ def _curate(config: CurateConfig, output: Path) -> dict:
         },
         "tokenized": config.tokenize,
     }
-    if problems and config.expect.on_low_yield == "error":
+    if failing:
         extra["seconds"], extra["seconds_per_phase"] = round(time.perf_counter() - started, 1), phases
         _write_report(output, stats, extra, config)
         raise LowYieldError(
@@ -444,9 +444,5 @@ def run_from_args(args) -> int:
     config = load_curate_config(args.config, args.overrides)
     digest = hashlib.blake2b(json.dumps(to_dict(config), sort_keys=True).encode(), digest_size=4).hexdigest()
     output = args.output or str(Path("runs") / f"curate-{digest}")
-    try:
-        run(config, output)
-    except (SourceError, LowYieldError) as err:  # bad input: one message, exit 2, no traceback
-        print(f"looplm curate: error: {err}", file=sys.stderr)
-        return 2
+    run(config, output)  # SourceError, LowYieldError: user errors, one line and exit 2 from the CLI
     return 0

@@ -301,7 +301,10 @@ def run_from_args(args) -> int:
     """`looplm train CONFIG [overrides] [--output DIR]`."""
     from looplm.infra.mlflow_server import check_tracking_server
 
+    from .pretrain_inputs import check_inputs
+
     config = load_config(PretrainConfig, args.config, list(args.overrides or []))
+    check_inputs(config)  # the data and starting checkpoint the config names, before Ray starts
     check_tracking_server()  # as eval does: a dead MLFLOW_TRACKING_URI is refused before Ray starts
     output = Path(getattr(args, "output", None) or Path("runs") / f"train-{config.name}")
     parallel = config.parallel

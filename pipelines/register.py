@@ -26,7 +26,7 @@ import torch
 
 from looplm.infra.tracking import RunLogger
 from looplm.model import QExit, load_pretrained
-from looplm.model.checkpoint import CheckpointError, load_config
+from looplm.model.checkpoint import CheckpointError, check_weights, load_config
 from looplm.model.tokenizer import load_tokenizer
 
 PYFUNC_DEFAULTS = {"max_new_tokens": 32, "num_steps": 0, "exit_threshold": 1.0, "temperature": 0.0, "seed": 0}
@@ -114,15 +114,15 @@ def _requirements() -> list[str]:
 
 
 def check_checkpoint(checkpoint: str | Path) -> Path:
-    """A folder fit for registration: a loadable config.json, weights and a tokenizer.json."""
+    """A folder fit for registration: a loadable config.json, a tokenizer.json and weight files whose safetensors
+    headers read (a file cut short by a failed copy is named here, not in whoever loads the version)."""
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     load_config(folder)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"checkpoint {folder} has no tokenizer.json; save it with save_pretrained(tokenizer=...)")
-    if not any(folder.glob("*.safetensors")):
-        raise CheckpointError(f"checkpoint {folder} has no .safetensors weights")
+    check_weights(folder)
     return folder
 
 
@@ -200,3 +200,21 @@ def register_model(
         client.set_registered_model_alias(name, alias, version.version)
     run.set_tags({"looplm.registered_model": f"models:/{name}/{version.version}"})
     return version
+
+
+def run_from_args(args) -> int:
+    """`looplm register MODEL NAME [--alias A] [--description D]`: a checkpoint folder (a `looplm train` run's
+    hf/, an upcycled folder) as a new version of NAME, in a run of its own, on MLFLOW_TRACKING_URI. The folder
+    and the server are checked before any run exists."""
+    from looplm.infra.mlflow_server import MlflowServerError, check_tracking_server
+    from looplm.infra.tracking import pipeline_run
+
+    folder = check_checkpoint(args.model)
+    tracking_uri = check_tracking_server()
+    if tracking_uri is None:
+        raise MlflowServerError("register needs a tracking server: set MLFLOW_TRACKING_URI (`looplm mlflow` starts it)")
+    with pipeline_run(f"register-{args.name}", tracking_uri=tracking_uri, tags={"looplm.step": "register"}) as run:
+        run.log_params({"model": str(folder.resolve()), "name": args.name})
+        version = register_model(folder, args.name, run=run, alias=args.alias, description=args.description)
+    print(f"registered models:/{args.name}/{version.version} from {folder} (MLflow run {run.run_id} at {tracking_uri})")
+    return 0

@@ -117,8 +117,8 @@ def check_source(config: SourceConfig) -> None:
     be read. Raises SourceError naming the source."""
     if config.kind == "jsonl":
         files = _files(config, JSONL_SUFFIXES)
-        if all(f.stat().st_size == 0 for f in files):
-            raise SourceError(f"source {config.name!r}: {config.path} holds no documents (every file is empty)")
+        if not any(_holds_text(f) for f in files):
+            raise SourceError(f"source {config.name!r}: {config.path} holds no documents (empty or blank)")
     elif config.kind == "parquet":
         check_parquet(config)
     elif config.kind == "text":
@@ -128,6 +128,19 @@ def check_source(config: SourceConfig) -> None:
             f"source {config.name!r}: {config.path!r} is not a local folder, and the Hugging Face hub "
             "cannot be reached (offline, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)"
         )
+
+
+def _holds_text(file: Path, chunk: int = 1 << 20) -> bool:
+    """Whether a (possibly compressed) file holds anything but whitespace; reads only up to the first such byte."""
+    import pyarrow as pa
+
+    if file.stat().st_size == 0:
+        return False
+    with pa.input_stream(str(file), compression=COMPRESSION.get(file.suffix)) as stream:
+        while data := stream.read(chunk):
+            if data.strip():
+                return True
+    return False
 
 
 def check_parquet(config: SourceConfig) -> list[Path]:

@@ -6,6 +6,7 @@
     looplm curate CONFIG [k=v ...]    curate raw text into Megatron indexed datasets (Ray Data)
     looplm train CONFIG [k=v ...]     pretrain on megatron-core, launched on Ray Train
     looplm eval CONFIG [k=v ...]      evaluate a checkpoint or registered model, tracked in MLflow
+    looplm register MODEL NAME        a checkpoint folder as a new version of NAME in the MLflow model registry
     looplm upcycle SRC DST            duplicate a checkpoint's layers (Ouro 1.4B -> 2.6B; --factor, --order)
     looplm mlflow                     start an MLflow tracking server on 127.0.0.1
     looplm serve MODEL                serve a checkpoint or models:/ URI on Ray Serve (OpenAI API, 127.0.0.1:8000)
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "curate": ("looplm.pipelines.curate", "run_from_args", "curate raw text into Megatron indexed datasets"),
     "train": ("looplm.pipelines.pretrain", "run_from_args", "pretrain on megatron-core via Ray Train"),
     "eval": ("looplm.pipelines.evaluate", "run_from_args", "evaluate a checkpoint or registered model"),
+    "register": ("looplm.pipelines.register", "run_from_args", "register a checkpoint folder in the MLflow registry"),
     "upcycle": ("looplm.pipelines.upcycle", "run_from_args", "duplicate a checkpoint's layers (1.4B -> 2.6B)"),
     "mlflow": ("looplm.infra.mlflow_server", "run_from_args", "start an MLflow tracking server on 127.0.0.1"),
     "serve": ("looplm.serving.app", "run_from_args", "serve a model on Ray Serve with an OpenAI-compatible API"),
@@ -37,6 +39,7 @@ WITH_CONFIG = {"curate", "train", "eval", "run", "status"}
 # else is a bug and keeps its traceback. `--debug` shows the traceback of any error.
 USER_ERRORS = (
     ("looplm.infra.configs", "ConfigFileError"),
+    ("looplm.infra.configs", "PathError"),
     ("looplm.model.config", "ConfigError"),  # VocabularyTooLargeError too
     ("looplm.model.checkpoint", "CheckpointError"),
     ("looplm.infra.registry", "ModelNotFoundError"),
@@ -55,8 +58,15 @@ def is_user_error(err: BaseException) -> bool:
     return False
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with an argument error one line like every other user error (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="looplm", description="Looped language models, raw text to endpoint.")
+    parser = Parser(prog="looplm", description="Looped language models, raw text to endpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
@@ -83,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default="stacked",
                 help="stacked: layers [1..N, 1..N]; interleaved: [1, 1, 2, 2, ...] (default: stacked)",
             )
+            continue
+        if name == "register":
+            command.add_argument("model", help="Ouro HF checkpoint folder (a training run's hf/, an upcycled folder)")
+            command.add_argument("name", help="registered model name; each call adds a version")
+            command.add_argument("--alias", help="alias to set on the new version, e.g. champion")
+            command.add_argument("--description", help="the version's description")
             continue
         if name == "mlflow":
             command.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 5000; 0: any free port)")

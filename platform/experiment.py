@@ -43,11 +43,15 @@ class Experiment:
     source: str  # the file it came from
     data: dict[str, Any]  # the resolved experiment as plain data (logged as the pipeline run's params)
 
-    def step(self, name: str) -> Step:
+    def step(self, name: str, option: str = "") -> Step:
+        """The step called `name`; `option` (--until, --force) says who asked, in the error for a name no step has."""
         for step in self.steps:
             if step.name == name:
                 return step
-        raise KeyError(f"{self.source}: no step named {name!r}; steps are {', '.join(s.name for s in self.steps)}")
+        asked = f"{option} {name}: " if option else ""
+        raise ConfigFileError(
+            f"{asked}{self.source} has no step named {name!r}; steps are {', '.join(s.name for s in self.steps)}"
+        )
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -99,13 +103,13 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         for role, upstream in inputs.items():
             if role not in kind.roles:
                 raise ConfigFileError(
-                    f"{where}.inputs.{role}: a {kind_name} step takes {', '.join(kind.roles) or 'no inputs'}"
+                    f"{where}.inputs.{role}: a step of kind {kind_name} takes {', '.join(kind.roles) or 'no inputs'}"
                 )
             if upstream not in steps:
                 raise ConfigFileError(f"{where}.inputs.{role}: {upstream!r} is not an earlier step")
         missing = [r for r in kind.required if r not in inputs]
         if missing:
-            raise ConfigFileError(f"{where}.inputs: a {kind_name} step needs {', '.join(missing)}")
+            raise ConfigFileError(f"{where}.inputs: a step of kind {kind_name} needs {', '.join(missing)}")
         config_data: dict[str, Any] = {}
         if entry.get("config_file"):
             config_data = read_yaml_mapping(path.parent / entry["config_file"], f"{where}.config_file:")
@@ -139,7 +143,9 @@ def run_experiment(
     lock: LockSettings | None = None,
 ) -> PipelineResult | None:
     """Run (or with dry_run, only plan) the experiment's steps, all of them or `until` and its upstream."""
-    steps = [experiment.step(until)] if until else list(experiment.steps)
+    for name in force or []:  # checked before anything runs or any MLflow run exists
+        experiment.step(name, "--force")
+    steps = [experiment.step(until, "--until")] if until else list(experiment.steps)
     if dry_run:
         print(format_plan(plan(steps, Storage.at(experiment.root), force or [])))
         return None
