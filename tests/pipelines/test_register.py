@@ -126,3 +126,23 @@ def test_registering_a_folder_without_tokenizer_is_refused(trained_tiny, mlflow_
             register_model(tmp_path / "bare", "looplm-test-bare", run=run)
         with pytest.raises(CheckpointError, match="does not exist"):
             register_model(tmp_path / "missing", "looplm-test-bare", run=run)
+
+
+@pytest.mark.slow  # needs the session's server
+def test_looplm_register_adds_a_version_with_its_alias(mlflow_server, monkeypatch, tmp_path, capsys):
+    from looplm.model import LoopLM, LoopLMConfig
+    from looplm.model.checkpoint import save_pretrained
+    from looplm.model.tokenizer import train_byte_level_bpe
+    from looplm.platform.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("LOOPLM_MODEL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    model = LoopLM(LoopLMConfig.preset("tiny"))
+    save_pretrained(model, folder, tokenizer=train_byte_level_bpe(["a small corpus", "of two documents"], 300))
+    assert main(["register", str(folder), "looplm-test-cli", "--alias", "cli"]) == 0
+    version = MlflowClient(mlflow_server.url).get_model_version_by_alias("looplm-test-cli", "cli")
+    assert f"registered models:/looplm-test-cli/{version.version} from {folder}" in capsys.readouterr().out
+    loaded = load_pretrained(resolve_model_dir("models:/looplm-test-cli@cli"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
