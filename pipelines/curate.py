@@ -441,7 +441,11 @@ def load_curate_config(path: str | Path, overrides: list[str]) -> CurateConfig:
 
 
 def run_from_args(args) -> int:
+    from looplm.infra.mlflow_server import check_tracking_server
+
     config = load_curate_config(args.config, args.overrides)
+    check_inputs(config)  # before the tracking check, which may replay spilled runs
+    check_tracking_server(config.mlflow_tracking_uri)  # as train and eval: a dead server is refused before Ray
     digest = hashlib.blake2b(json.dumps(to_dict(config), sort_keys=True).encode(), digest_size=4).hexdigest()
     output = args.output or str(Path("runs") / f"curate-{digest}")
     run(config, output)  # SourceError, LowYieldError: user errors, one line and exit 2 from the CLI

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from looplm.infra.configs import PathError
-from looplm.infra.registry import resolve_model_dir
+from looplm.infra.mlflow_server import check_tracking_server
+from looplm.infra.registry import is_model_uri, resolve_model_dir
 from looplm.model.atomic import check_free_folder
 from looplm.model.checkpoint import check_weights, load_config
 from looplm.model.upcycle import UPCYCLE_TARGET, layer_map, upcycle_layers
@@ -29,6 +30,8 @@ def check_arguments(args: argparse.Namespace) -> Path:
         check_free_folder(Path(args.dst), UPCYCLE_TARGET)
     except FileExistsError as err:
         raise PathError(str(err)) from None
+    if is_model_uri(args.src):
+        check_tracking_server()  # a dead server is one line now, not MLflow's retries then a traceback
     source = resolve_model_dir(args.src)
     load_config(source)  # CheckpointError naming config.json when it is missing or not an Ouro config
     check_weights(source)  # names a weight file that is missing or cut short

@@ -20,7 +20,6 @@ be changed. Every error names the file and the field.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +161,11 @@ def run_experiment(
 
 def run_from_args(args: argparse.Namespace) -> int:
     """`looplm run EXPERIMENT.yaml [k=v ...] [--dry-run] [--force STEP] [--until STEP]`."""
+    from looplm.infra.mlflow_server import check_tracking_server
+
     experiment = load_experiment(args.config, args.overrides)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    # as train and eval: a dead tracking server is refused before any step runs
+    tracking_uri = None if args.dry_run else check_tracking_server()
     if not tracking_uri and not args.dry_run:
         print("MLFLOW_TRACKING_URI is not set: steps run untracked (`looplm mlflow` starts a server)")
     result = run_experiment(

@@ -24,6 +24,7 @@ from looplm.platform.cli import main
 REPO = Path(__file__).resolve().parents[2]
 EVAL_CONFIG = str(REPO / "configs" / "eval-demo.yaml")
 TRAIN_CONFIG = str(REPO / "configs" / "train-tiny-cpu.yaml")
+DEAD = f"http://127.0.0.1:{free_port()}"  # a tracking URI nothing answers at
 
 
 class Case(NamedTuple):
@@ -104,6 +105,7 @@ def _curate_cases(tmp: Path) -> list[Case]:
         folder / "curate.yaml",
         f"sources: [{{name: mine, kind: jsonl, path: {folder / 'docs.jsonl'}}}]\nprogress: false\n",
     )
+    _write(folder / "docs.jsonl", '{"id": 1, "text": "one document"}\n')
     empty = _write(folder / "empty.jsonl", "")
     blank = _write(folder / "blank.jsonl", "\n  \n\n")
     no_jsonl = folder / "only-text"
@@ -128,6 +130,13 @@ def _curate_cases(tmp: Path) -> list[Case]:
         Case("curate: input folder holds no jsonl", source(no_jsonl), f"under {no_jsonl}", not_done=out),
         Case("curate: empty JSONL", source(empty), f"{empty} holds no documents", not_done=out),
         Case("curate: JSONL of blank lines", source(blank), f"{blank} holds no documents", not_done=out),
+        Case(
+            "curate: dead tracking URI",
+            [*args, str(config)],
+            f"MLFLOW_TRACKING_URI={DEAD} does not answer",
+            env={"MLFLOW_TRACKING_URI": DEAD},
+            not_done=out,
+        ),
         Case(
             "curate: decontamination file missing",
             [*args, str(config), f"sources.mine.path={tmp / 'torn.jsonl'}", f"decontam.eval_files=[{tmp / 'q.jsonl'}]"],
@@ -204,7 +213,6 @@ def _train_cases(tmp: Path, torn_model: Path) -> list[Case]:
 def _register_cases(tmp: Path, torn_model: Path) -> list[Case]:
     not_model = tmp / "not-a-model"
     _write(not_model / "notes.txt", "hello")
-    dead = f"http://127.0.0.1:{free_port()}"
     return [
         Case("register: model folder missing", ["register", str(tmp / "absent"), "m"], str(tmp / "absent")),
         Case("register: not a model", ["register", str(not_model), "m"], str(not_model / "config.json")),
@@ -214,8 +222,8 @@ def _register_cases(tmp: Path, torn_model: Path) -> list[Case]:
         Case(
             "register: dead tracking URI",
             ["register", str(tmp / "tiny"), "m"],
-            f"MLFLOW_TRACKING_URI={dead} does not answer",
-            env={"MLFLOW_TRACKING_URI": dead},
+            f"MLFLOW_TRACKING_URI={DEAD} does not answer",
+            env={"MLFLOW_TRACKING_URI": DEAD},
         ),
         Case(
             "register: no tracking URI",
@@ -239,6 +247,13 @@ def _upcycle_cases(tmp: Path, torn_model: Path) -> list[Case]:
             "upcycle: truncated safetensors",
             ["upcycle", str(torn_model), str(dst)],
             str(torn_model / "model.safetensors"),
+            not_done=dst,
+        ),
+        Case(
+            "upcycle: registered model on a dead tracking URI",
+            ["upcycle", "models:/looplm-tiny/1", str(dst)],
+            f"MLFLOW_TRACKING_URI={DEAD} does not answer",
+            env={"MLFLOW_TRACKING_URI": DEAD},
             not_done=dst,
         ),
         Case("upcycle: factor 0", ["upcycle", str(tmp / "tiny"), str(dst), "--factor", "0"], "factor", not_done=dst),
@@ -306,6 +321,13 @@ def _run_cases(tmp: Path) -> list[Case]:
         ),
         Case(
             "run: override names no step", ["run", str(good), "steps.train.config.x=1"], "name no step", not_done=root
+        ),
+        Case(
+            "run: dead tracking URI",
+            ["run", str(good)],
+            f"MLFLOW_TRACKING_URI={DEAD} does not answer",
+            env={"MLFLOW_TRACKING_URI": DEAD},
+            not_done=root,
         ),
         Case("run: --until names no step", ["run", str(good), "--until", "train"], "'train'", not_done=root),
         Case("run: --force names no step", ["run", str(good), "--force", "train"], "train", not_done=root),
