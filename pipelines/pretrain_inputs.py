@@ -11,10 +11,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from looplm.model.checkpoint import CheckpointError, check_weights, load_config
-from looplm.model.config import ConfigError
+from looplm.model.config import ConfigError, LoopLMConfig
 
 from .training.config import PretrainConfig
 from .training.data import read_manifest
+
+# The LoopLMConfig fields that fix the shape of a tensor: a starting checkpoint must agree with the model on each.
+SHAPES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
+
+
+def _shape(config: LoopLMConfig, name: str) -> object:
+    if name == "head_dim":  # None means hidden_size // num_attention_heads
+        return config.head_dim or config.hidden_size // config.num_attention_heads
+    return getattr(config, name)
 
 
 def _check_prefixes(field: str, prefixes: tuple[str, ...] | list[str]) -> None:
@@ -26,7 +44,8 @@ def _check_prefixes(field: str, prefixes: tuple[str, ...] | list[str]) -> None:
 
 def check_inputs(config: PretrainConfig) -> None:
     """The training data (a curated manifest and its datasets, or indexed dataset prefixes) and the starting
-    checkpoint (train.init_from_hf: config.json and readable weight files) exist; raises naming the field."""
+    checkpoint (train.init_from_hf: config.json and readable weight files, of the model's shapes) exist; raises
+    naming the field."""
     data = config.data
     if data.manifest is not None:
         manifest = read_manifest(data.manifest)  # names mixture.json, its fields and its tokenizer
@@ -38,7 +57,18 @@ def check_inputs(config: PretrainConfig) -> None:
         if not folder.is_dir():
             raise CheckpointError(f"train.init_from_hf: {folder} is not a checkpoint folder (not found)")
         try:
-            load_config(folder)
+            init = load_config(folder)
             check_weights(folder)
         except CheckpointError as err:
             raise CheckpointError(f"train.init_from_hf: {err}") from None
+        model = config.model.build()
+        differ = [
+            f"{name} {_shape(init, name)} != {_shape(model, name)}"
+            for name in SHAPES
+            if _shape(init, name) != _shape(model, name)
+        ]
+        if differ:
+            raise ConfigError(
+                f"train.init_from_hf: {folder / 'config.json'} does not fit model {config.model.preset!r} "
+                f"(checkpoint != model: {', '.join(differ)}); set model.preset or model.overrides to match it"
+            )

@@ -202,6 +202,12 @@ def _train_cases(tmp: Path, torn_model: Path) -> list[Case]:
             not_done=out,
         ),
         Case(
+            "train: init_from_hf of another shape",
+            [*args, f"train.init_from_hf={tmp / 'tiny'}", "model.overrides.num_hidden_layers=4"],
+            "num_hidden_layers 2 != 4",
+            not_done=out,
+        ),
+        Case(
             "train: init_from_hf with a truncated safetensors file",
             [*args, f"train.init_from_hf={torn_model}"],
             str(torn_model / "model.safetensors"),
@@ -391,6 +397,27 @@ def test_user_errors_are_one_line_and_exit_code_2(store, monkeypatch, capsys):
     # no run, not even an experiment, for an attempt that never started; no registered model version either
     assert not (store / "mlflow.db").exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # every case was refused before Ray
+
+
+def test_what_train_checks_before_ray_accepts_good_inputs(tmp_path):
+    """The other side of the train cases above: a starting checkpoint of the model's shapes, dataset prefixes
+    whose .bin and .idx exist, and a valid override pass the checks (they would then start Ray)."""
+    from looplm.infra.configs import load_config
+    from looplm.pipelines.pretrain_inputs import check_inputs
+    from looplm.pipelines.training.config import PretrainConfig
+
+    good, _ = _checkpoints(tmp_path)
+    for suffix in (".bin", ".idx"):
+        _write(tmp_path / f"web{suffix}", "")
+    overrides = [
+        "optim.lr=1e-3",
+        f"train.init_from_hf={good}",
+        "data.generator=null",
+        f"data.paths=[{tmp_path / 'web'}]",
+    ]
+    config = load_config(PretrainConfig, TRAIN_CONFIG, overrides)
+    assert config.optim.lr == pytest.approx(1e-3)
+    check_inputs(config)
 
 
 def test_a_dead_tracking_uri_is_one_line_for_eval(monkeypatch, tmp_path, capsys):
