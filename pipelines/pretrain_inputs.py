@@ -42,33 +42,42 @@ def _check_prefixes(field: str, prefixes: tuple[str, ...] | list[str]) -> None:
                 raise ConfigError(f"{field}[{i}]: indexed dataset file {prefix}{suffix} not found")
 
 
-def check_inputs(config: PretrainConfig) -> None:
+def check_inputs(config: PretrainConfig, *, data: bool = True, init: bool = True) -> None:
     """The training data (a curated manifest and its datasets, or indexed dataset prefixes) and the starting
     checkpoint (train.init_from_hf: config.json and readable weight files, of the model's shapes) exist; raises
-    naming the field."""
+    naming the field. data/init False leave one out (in an experiment, a field an upstream step fills)."""
+    if data:
+        _check_data(config)
+    if init and config.train.init_from_hf:
+        _check_init(config)
+
+
+def _check_data(config: PretrainConfig) -> None:
     data = config.data
     if data.manifest is not None:
         manifest = read_manifest(data.manifest)  # names mixture.json, its fields and its tokenizer
         _check_prefixes(f"data.manifest {manifest.folder}: train blend", manifest.train[0])
         _check_prefixes(f"data.manifest {manifest.folder}: valid blend", manifest.valid[0])
     _check_prefixes("data.paths", data.paths)
-    if config.train.init_from_hf:
-        folder = Path(config.train.init_from_hf)
-        if not folder.is_dir():
-            raise CheckpointError(f"train.init_from_hf: {folder} is not a checkpoint folder (not found)")
-        try:
-            init = load_config(folder)
-            check_weights(folder)
-        except CheckpointError as err:
-            raise CheckpointError(f"train.init_from_hf: {err}") from None
-        model = config.model.build()
-        differ = [
-            f"{name} {_shape(init, name)} != {_shape(model, name)}"
-            for name in SHAPES
-            if _shape(init, name) != _shape(model, name)
-        ]
-        if differ:
-            raise ConfigError(
-                f"train.init_from_hf: {folder / 'config.json'} does not fit model {config.model.preset!r} "
-                f"(checkpoint != model: {', '.join(differ)}); set model.preset or model.overrides to match it"
-            )
+
+
+def _check_init(config: PretrainConfig) -> None:
+    folder = Path(config.train.init_from_hf)
+    if not folder.is_dir():
+        raise CheckpointError(f"train.init_from_hf: {folder} is not a checkpoint folder (not found)")
+    try:
+        init = load_config(folder)
+        check_weights(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"train.init_from_hf: {err}") from None
+    model = config.model.build()
+    differ = [
+        f"{name} {_shape(init, name)} != {_shape(model, name)}"
+        for name in SHAPES
+        if _shape(init, name) != _shape(model, name)
+    ]
+    if differ:
+        raise ConfigError(
+            f"train.init_from_hf: {folder / 'config.json'} does not fit model {config.model.preset!r} "
+            f"(checkpoint != model: {', '.join(differ)}); set model.preset or model.overrides to match it"
+        )

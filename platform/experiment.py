@@ -132,6 +132,39 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     return Experiment(name, root, tuple(steps.values()), str(path), {"name": name, "root": root, "steps": resolved})
 
 
+def check_steps(experiment: Experiment, steps: list[Step], force: list[str]) -> None:
+    """The files each step that will run names in its own config (a curate step's input files, a pretrain step's
+    datasets and starting checkpoint), checked before Ray starts: a missing one would otherwise end the step
+    inside a Ray task, as a traceback, after the steps before it ran. A field an upstream step fills (`@step`) is
+    not checked, nor is a step that is done (its inputs may be gone; it is not rerun)."""
+    from looplm.model.checkpoint import CheckpointError
+    from looplm.model.config import ConfigError
+    from looplm.pipelines.curate import CurateConfig
+    from looplm.pipelines.curate import check_inputs as check_curate
+    from looplm.pipelines.pretrain_inputs import check_inputs as check_pretrain
+    from looplm.pipelines.sources import SourceError
+    from looplm.pipelines.training.config import PretrainConfig
+
+    from .steps import PLACEHOLDER
+
+    def filled(value: str | None) -> bool:
+        return bool(value) and value.startswith(PLACEHOLDER)
+
+    for planned in plan(steps, Storage.at(experiment.root), force):
+        config = planned.step.config
+        if planned.action != "run":
+            continue
+        try:
+            if isinstance(config, CurateConfig):
+                check_curate(config)
+            elif isinstance(config, PretrainConfig):
+                check_pretrain(
+                    config, data=not filled(config.data.manifest), init=not filled(config.train.init_from_hf)
+                )
+        except (SourceError, ConfigError, CheckpointError) as err:
+            raise ConfigFileError(f"{experiment.source}: steps.{planned.step.name}.config: {err}") from None
+
+
 def run_experiment(
     experiment: Experiment,
     *,
@@ -148,6 +181,7 @@ def run_experiment(
     if dry_run:
         print(format_plan(plan(steps, Storage.at(experiment.root), force or [])))
         return None
+    check_steps(experiment, steps, force or [])
     return run_steps(
         steps,
         experiment.root,

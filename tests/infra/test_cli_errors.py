@@ -6,6 +6,7 @@ point (`looplm.platform.cli.main`); one goes through a real `python -m looplm.pl
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -291,6 +292,12 @@ def _run_cases(tmp: Path) -> list[Case]:
     def experiment(name: str, steps: str) -> str:
         return str(_write(folder / name, f"root: {root}\nsteps:\n{steps}"))
 
+    source = {"name": "m", "kind": "jsonl", "path": str(tmp / "in.jsonl")}
+    pretrain = {
+        "kind": "pretrain",
+        "config_file": "../train.yaml",
+        "config": {"train": {"init_from_hf": str(tmp / "s1")}},
+    }
     cycle = "  a: {kind: upcycle, inputs: {model: b}}\n  b: {kind: upcycle, inputs: {model: a}}\n"
     return [
         Case("run: experiment missing", ["run", str(folder / "nope.yaml")], "nope.yaml not found", not_done=root),
@@ -317,6 +324,24 @@ def _run_cases(tmp: Path) -> list[Case]:
             "run: config_file missing",
             ["run", experiment("file.yaml", "  p: {kind: pretrain, config_file: gone.yaml}\n")],
             "gone.yaml not found",
+            not_done=root,
+        ),
+        Case(
+            "run: a curate step's input file missing",
+            [
+                "run",
+                experiment("input.yaml", f"  c: {json.dumps({'kind': 'curate', 'config': {'sources': [source]}})}\n"),
+            ],
+            f"steps.c.config: source 'm': {tmp / 'in.jsonl'} does not exist",
+            not_done=root,
+        ),
+        Case(
+            "run: a pretrain step's starting checkpoint missing",
+            [
+                "run",
+                experiment("init.yaml", f"  p: {json.dumps(pretrain)}\n"),
+            ],
+            f"steps.p.config: train.init_from_hf: {tmp / 's1'}",
             not_done=root,
         ),
         Case(
