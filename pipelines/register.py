@@ -202,6 +202,25 @@ def register_model(
     return version
 
 
+class RegistrationError(ValueError):
+    """A registered model name or alias the registry would refuse; the message says which and why."""
+
+
+def check_names(name: str, alias: str | None) -> None:
+    """The model name and alias, by MLflow's own rules, before anything is logged: the registry refuses them only
+    after the model's artifacts are uploaded, which would leave a logged model that no version points to."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    try:
+        validation._validate_model_name(name)
+        if alias is not None:
+            validation._validate_model_alias_name(alias)
+            validation._validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        raise RegistrationError(f"{err.message} (model name {name!r}, alias {alias!r})") from None
+
+
 def run_from_args(args) -> int:
     """`looplm register MODEL NAME [--alias A] [--description D]`: a checkpoint folder (a `looplm train` run's
     hf/, an upcycled folder) as a new version of NAME, in a run of its own, on MLFLOW_TRACKING_URI. The folder
@@ -210,6 +229,7 @@ def run_from_args(args) -> int:
     from looplm.infra.tracking import pipeline_run
 
     folder = check_checkpoint(args.model)
+    check_names(args.name, args.alias)
     tracking_uri = check_tracking_server()
     if tracking_uri is None:
         raise MlflowServerError("register needs a tracking server: set MLFLOW_TRACKING_URI (`looplm mlflow` starts it)")

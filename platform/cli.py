@@ -46,6 +46,7 @@ USER_ERRORS = (
     ("looplm.infra.mlflow_server", "MlflowServerError"),
     ("looplm.pipelines.sources", "SourceError"),
     ("looplm.pipelines.curation.checks", "LowYieldError"),
+    ("looplm.pipelines.register", "RegistrationError"),
     ("looplm.platform.executor", "LockHeldError"),
 )
 

@@ -226,6 +226,8 @@ def _register_cases(tmp: Path, torn_model: Path) -> list[Case]:
         Case(
             "register: truncated safetensors", ["register", str(torn_model), "m"], str(torn_model / "model.safetensors")
         ),
+        Case("register: name with a slash", ["register", str(tmp / "tiny"), "team/model"], "'team/model'"),
+        Case("register: reserved alias", ["register", str(tmp / "tiny"), "m", "--alias", "latest"], "'latest'"),
         Case(
             "register: dead tracking URI",
             ["register", str(tmp / "tiny"), "m"],
