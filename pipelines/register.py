@@ -1,5 +1,6 @@
 """Register a trained LoopLM in the MLflow model registry, as a version the serving side loads by URI.
 
+    looplm register runs/tiny/hf looplm-tiny --alias candidate         # the command: a run of its own
     version = register_model("runs/x/checkpoint", "looplm-tiny", run=step, metrics={"val_loss": 2.1})
     model = load_pretrained(resolve_model_dir("models:/looplm-tiny/1"))   # infra/registry.py downloads it
     generator = mlflow.pyfunc.load_model("models:/looplm-tiny/1")
