@@ -6,7 +6,8 @@
 --real: looplm and datatrove 0.10.1 side by side on real text (a folder from `bench/real_corpus.py corpus`), the
 same stages on the same shards (bench/curate_real.py), each run in its own process, interleaved (the order
 alternates each round), timed end to end (Ray or datatrove's executor start included) with the peak memory of the
-whole process tree (PSS, so shared memory counts once). Prints each run and the ratios of the medians.
+whole process tree (PSS, so shared memory counts once) and each process's share at that peak. Prints each run and the
+ratios of the medians.
 
 Without --real: the generated corpus (web-like pages with planted defects, not real text; its figures are
 labelled as such in BENCHMARKS.md):
@@ -99,15 +100,19 @@ def minhash_bench(texts: list[str]) -> list[tuple[str, float]]:
     return results
 
 
-def _tree_pss(root) -> int:
-    """Proportional set size of a process and all its descendants, in bytes (0 for those that vanished)."""
+def _tree_pss(root) -> list[tuple[str, int]]:
+    """(name, proportional set size in bytes) of a process and each of its descendants (vanished ones left out).
+    The name is Ray's process title (ray::_StatsActor, ray::IDLE, ...) or the script a Python process runs."""
     import psutil
 
-    total = 0
+    rows = []
     for proc in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            total += proc.memory_full_info().pss
-    return total
+            command = proc.cmdline()
+            script = next((os.path.basename(a) for a in command[1:3] if a.endswith(".py")), None)
+            name = command[0] if command and command[0].startswith("ray::") else script or proc.name()
+            rows.append((name, proc.memory_full_info().pss))
+    return rows
 
 
 def run_side(side: str, inputs: str, work: str, cpus: int, env: dict) -> dict:
@@ -121,14 +126,17 @@ def run_side(side: str, inputs: str, work: str, cpus: int, env: dict) -> dict:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curate_real.py")
     command = [sys.executable, script, side, inputs, work, "--cpus", str(cpus)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    root, peak = psutil.Process(proc.pid), 0
+    root, peak, at_peak = psutil.Process(proc.pid), 0, []
     while proc.poll() is None:
-        peak = max(peak, _tree_pss(root))
+        rows = _tree_pss(root)
+        if sum(pss for _, pss in rows) > peak:
+            peak, at_peak = sum(pss for _, pss in rows), rows
         time.sleep(0.5)
     out = proc.stdout.read().strip().splitlines()
     if proc.returncode != 0 or not out:
         return {"side": side, "failed": proc.returncode}
-    return {**json.loads(out[-1]), "peak_bytes": peak}
+    processes = [f"{name} {pss / 2**20:.0f}" for name, pss in sorted(at_peak, key=lambda row: -row[1])]
+    return {**json.loads(out[-1]), "peak_bytes": peak, "processes_at_peak_mib": processes}
 
 
 def real(args) -> None:

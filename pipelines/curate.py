@@ -172,6 +172,11 @@ def eval_texts(config: CurateConfig) -> list[str]:
 
 def curate(config: CurateConfig, output: str | Path) -> dict:
     """Run every stage on the current Ray connection; returns the report (also written under output/report)."""
+    stats, extra = _on_ray(config, Path(output))
+    return _finish(config, Path(output), stats, extra)
+
+
+def _on_ray(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
     import ray.data
 
     check_inputs(config)
@@ -180,7 +185,7 @@ def curate(config: CurateConfig, output: str | Path) -> dict:
     context.execution_options.preserve_order = True  # the same config gives the same .bin, byte for byte
     context.enable_progress_bars = config.progress
     try:
-        return _curate(config, Path(output))
+        return _curate(config, output)
     finally:  # the driver's DataContext is shared with whatever runs next in this process
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
@@ -192,7 +197,8 @@ STATS_COLUMNS = ["key", "id", "source", "planted", "removed_by", "reason", "meta
 STATS_COLUMNS += ["lang", "lang_score", "pii", "modified", "excerpt"]
 
 
-def _curate(config: CurateConfig, output: Path) -> dict:
+def _curate(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
+    """Every stage that needs Ray; returns the per-document stats and the report's other entries, for `_finish`."""
     import shutil
 
     started = time.perf_counter()
@@ -243,10 +249,9 @@ def _curate(config: CurateConfig, output: Path) -> dict:
     )
     lap("dedup marks, pii, decontam")
 
-    removed = dataset.map_batches(removed_rows, **batch)
-    if removed.count():
-        removed.write_parquet(str(output / "removed"))
     stats = dataset.select_columns(STATS_COLUMNS).to_pandas()
+    if (stats["removed_by"] != "").any():  # counted from the stats: one pass over the dataset fewer
+        dataset.map_batches(removed_rows, **batch).write_parquet(str(output / "removed"))
     stats["n_tokens"] = np.zeros(len(stats), dtype=np.int64)
     lap("write removed, collect stats")
 
@@ -271,13 +276,10 @@ def _curate(config: CurateConfig, output: Path) -> dict:
         },
         "tokenized": config.tokenize,
     }
+    extra["low_yield"] = problems
     if failing:
         extra["seconds"], extra["seconds_per_phase"] = round(time.perf_counter() - started, 1), phases
-        _write_report(output, stats, extra, config)
-        raise LowYieldError(
-            "; ".join(problems) + f". Nothing is marked done; see {output / 'report' / 'report.md'} and "
-            f"{output / 'removed'} (expect.on_low_yield=warn finishes the run anyway)"
-        )
+        return stats, extra
 
     if config.tokenize:
         kept_texts = (
@@ -301,7 +303,20 @@ def _curate(config: CurateConfig, output: Path) -> dict:
         )
         lap("write kept documents")
     extra["seconds"], extra["seconds_per_phase"] = round(time.perf_counter() - started, 1), phases
+    return stats, extra
+
+
+def _finish(config: CurateConfig, output: Path, stats: pd.DataFrame, extra: dict) -> dict:
+    """The report (and MLflow), then `_SUCCESS`, or LowYieldError with the report written and nothing marked
+    done. Needs no Ray: `run` calls it after its local Ray has stopped, so the report's plotting (matplotlib,
+    ~30 MB) does not add to the peak memory while Ray's workers are alive."""
+    problems = extra.pop("low_yield")
     report = _write_report(output, stats, extra, config)
+    if problems and config.expect.on_low_yield == "error":
+        raise LowYieldError(
+            "; ".join(problems) + f". Nothing is marked done; see {output / 'report' / 'report.md'} and "
+            f"{output / 'removed'} (expect.on_low_yield=warn finishes the run anyway)"
+        )
     (output / "_SUCCESS").write_text("")
     return report
 
@@ -394,10 +409,19 @@ def print_summary(report: dict) -> None:
               f"of {bucket['planted']}")  # fmt: skip
 
 
-# Ray starts its workers at nice 15, so that its own daemons stay responsive; on a machine shared with other work
-# that starves curation (one run slowed 11x as the load rose, where datatrove slowed 2x). A local Ray started by
-# `run` gives its workers the caller's priority; a cluster's own setting is not touched (the raylet reads it).
-WORKER_NICENESS = "0"
+# The environment of the processes a local Ray started by `run` starts (they inherit it from the driver at the
+# start, the workers from the raylet); a variable the caller has set wins, and a cluster's own is not touched.
+LOCAL_RAY_ENV = {
+    # Ray starts its workers at nice 15, so that its own daemons stay responsive; on a machine shared with other
+    # work that starves curation (one run slowed 11x as the load rose, where datatrove slowed 2x). Workers get the
+    # caller's priority instead.
+    "RAY_worker_niceness": "0",
+    # Peak memory (BENCHMARKS.md): glibc gives each of a Ray process's many threads its own malloc arena, and
+    # pyarrow's default pool (mimalloc) keeps what it freed; two arenas and the system allocator return memory
+    # for reuse. Together about 60 MB less in the two workers at the peak on 4,000 real documents.
+    "MALLOC_ARENA_MAX": "2",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+}
 # Under load a local raylet can take longer than Ray's fixed 30 s to register ("node timed out during startup"):
 # the start is retried, as a person would.
 STARTUP_ATTEMPTS = 3
@@ -407,18 +431,23 @@ STARTUP_ATTEMPTS = 3
 def _ray(config: CurateConfig):
     from looplm.infra.ray_cluster import disconnect, ray_session
 
-    os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)
-    for attempt in range(1, STARTUP_ATTEMPTS + 1):
-        session = ray_session(config.ray_address, num_cpus=config.num_cpus)
-        try:
-            session.__enter__()
-        except Exception as err:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(err) or attempt == STARTUP_ATTEMPTS:
-                raise
-            warn(f"Ray did not start (attempt {attempt} of {STARTUP_ATTEMPTS}): {err}; retrying")
-            disconnect()
-            continue
-        break
+    added = {key: value for key, value in LOCAL_RAY_ENV.items() if key not in os.environ}
+    os.environ.update(added)  # only while Ray starts: later subprocesses of this one get the caller's environment
+    try:
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            session = ray_session(config.ray_address, num_cpus=config.num_cpus)
+            try:
+                session.__enter__()
+            except Exception as err:  # Ray raises a bare Exception for this
+                if "timed out during startup" not in str(err) or attempt == STARTUP_ATTEMPTS:
+                    raise
+                warn(f"Ray did not start (attempt {attempt} of {STARTUP_ATTEMPTS}): {err}; retrying")
+                disconnect()
+                continue
+            break
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
     try:
         yield
     finally:
@@ -429,7 +458,8 @@ def run(config: CurateConfig, output: str | Path) -> dict:
     """Connect to Ray (the configured or current cluster, else a local one), curate, print the summary."""
     check_inputs(config)  # a missing file is named at once, not after Ray has started
     with _ray(config):
-        report = curate(config, output)
+        stats, extra = _on_ray(config, Path(output))
+    report = _finish(config, Path(output), stats, extra)  # the report after Ray is down: see _finish
     print_summary(report)
     print(f"output: {output}")
     return report

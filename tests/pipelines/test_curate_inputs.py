@@ -124,3 +124,60 @@ def test_wrong_text_field_fails_or_warns_as_chosen(local_ray, tmp_path):
     assert report["documents_kept"] == 0 and (tmp_path / "warn" / "_SUCCESS").exists()
     assert "kept none of 4" in report["warnings"][0]
     assert "WARNING" in (tmp_path / "warn" / "report" / "report.md").read_text()
+
+
+# A German page built around one long word that appears nowhere else: language ID removes it (another language),
+# so neither the tokenizer's training nor the packed tokens may ever see that word.
+MARKER = "Donaudampfschifffahrtsgesellschaftskapitaen"
+GERMAN = " ".join(
+    f"Der {MARKER} wohnt seit vielen Jahren in einem kleinen Haus am Ufer der Donau, und jeden Morgen geht der "
+    f"{MARKER} zum Hafen, wo die Schiffe auf ihn warten."
+    for _ in range(6)
+)
+
+
+@pytest.mark.slow
+def test_only_kept_documents_are_tokenized(local_ray, tmp_path):
+    from tokenizers import Tokenizer
+
+    from looplm.pipelines.curation.pack import TokenizerConfig, encode, open_indexed
+
+    records = [{"id": i, "text": page} for i, page in enumerate(PAGES)] + [{"id": "de", "text": GERMAN}]
+    (tmp_path / "docs.jsonl").write_bytes(_jsonl(records))
+    config = CurateConfig(
+        sources=(SourceConfig(name="mine", kind="jsonl", path=str(tmp_path / "docs.jsonl")),),
+        tokenizer=TokenizerConfig(vocab_size=400),
+        progress=False,
+    )
+    report = curate(config, tmp_path / "out")
+    out = tmp_path / "out"
+    removed = pd.read_parquet(out / "removed")
+    assert removed.loc[removed["id"] == "de", "removed_by"].tolist() == ["langid"]
+    kept = [page for i, page in enumerate(PAGES) if str(i) not in set(removed["id"])]
+    assert report["documents_kept"] == len(kept) >= 3
+    # Tokenizer training: the marker repeats 12 times in one document, so a BPE trained on it would learn merges
+    # of it (checked below by training on every document); the curated tokenizer has none.
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    fragments = {MARKER[i : i + 6] for i in range(len(MARKER) - 5)}
+    learned = [token for token in tokenizer.get_vocab() if any(f in token for f in fragments)]
+    assert learned == []
+    # Encoding and packing: exactly the kept documents' tokens, in order, and nothing of the German page.
+    manifest = json.loads((out / "mixture.json").read_text())
+    packed = []
+    for split in ("train", "valid"):
+        if manifest["sources"]["mine"][split]["prefix"]:
+            dataset = open_indexed(out / manifest["sources"]["mine"][split]["prefix"])
+            packed += [dataset[i].tolist() for i in range(len(dataset))]
+    expected = [tokens.tolist() for tokens in encode(tokenizer, kept, manifest["eod_id"])]
+    assert sorted(packed) == sorted(expected)
+    assert MARKER not in tokenizer.decode([t for doc in packed for t in doc])
+    assert report["tokens_kept"] == sum(len(tokens) for tokens in expected)
+
+
+def test_a_tokenizer_trained_on_the_removed_page_learns_the_marker():
+    """The check above can fail: trained on every document, the same BPE does learn pieces of the marker."""
+    from looplm.pipelines.curation.pack import TokenizerConfig, prepare_tokenizer
+
+    tokenizer, _ = prepare_tokenizer(TokenizerConfig(vocab_size=400), [*PAGES, GERMAN])
+    fragments = {MARKER[i : i + 6] for i in range(len(MARKER) - 5)}
+    assert [token for token in tokenizer.get_vocab() if any(f in token for f in fragments)]
