@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from ..config import LoopLMConfig
+from ..config import ConfigError, LoopLMConfig
 from .convert import (
     gather_pipeline_parallel,
     gather_tensor_parallel,
@@ -77,11 +77,26 @@ def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Pat
     return path
 
 
+def _loop_config(model: torch.nn.Module) -> LoopLMConfig | None:
+    """The LoopLMConfig a (possibly wrapped) MegatronLoopLM was built with."""
+    for module in model.modules():
+        if isinstance(getattr(module, "loop_config", None), LoopLMConfig):
+            return module.loop_config
+    return None
+
+
 def import_hf(model: torch.nn.Module, directory: str | Path) -> LoopLMConfig:
     """Load an Ouro HF checkpoint (a released Ouro model, or export_hf's) into the Megatron model at its TP x PP."""
     from ..checkpoint import load_pretrained
 
     reference = load_pretrained(directory)
+    built = _loop_config(model)
+    if built is not None and built.reinject_embedding != reference.config.reinject_embedding:
+        raise ConfigError(
+            f"{directory} holds a model with reinject_embedding={reference.config.reinject_embedding}, but this "
+            f"model was built with reinject_embedding={built.reinject_embedding}: the same weights would compute "
+            "another function; set the model's reinject_embedding to the checkpoint's"
+        )
     full = hf_to_megatron({k: v.float() for k, v in reference.state_dict().items()}, reference.config)
     local = shard(
         full, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
