@@ -11,10 +11,20 @@ exports to Ouro HF and loads as the reference, and does not import silently into
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
 import pytest
 from _mcore_spawn import run_ranks
 from _mcore_workers import loop_robust_parity, loop_robust_single_process, pipeline_parity
 
+from looplm.infra.configs import load_config
+from looplm.pipelines.reference_train import TrainSettings, train
+from looplm.pipelines.training.config import LoopSchedule, PretrainConfig
+from looplm.pipelines.training.schedules import training_steps_at
+
+ROOT = Path(__file__).resolve().parents[3]
 TOLERANCE = 1e-5
 OPTIONS = ("reinject", "contraction", "kv_consistency", "all")
 
@@ -63,3 +73,52 @@ def test_reinjection_and_a_drawn_loop_count_match_reference_through_the_pipeline
             assert figures["loss"] == pytest.approx(figures["ref_loss"], rel=TOLERANCE), case
             assert figures["max_grad_rel_err"] <= TOLERANCE, (case, figures["worst"], figures["max_grad_rel_err"])
             assert figures["ce_per_step"] == pytest.approx(figures["ref_ce_per_step"], rel=TOLERANCE), case
+
+
+def test_loop_robust_config_fields_are_validated_with_errors_naming_the_field():
+    tiny = ROOT / "configs" / "train-tiny-cpu.yaml"
+    pipeline = ["parallel.pipeline_parallel=2", "data.micro_batch_size=4", "data.global_batch_size=8"]
+    bad = {
+        "loop.random_steps [lo, hi] needs 1 <= lo <= hi": ["loop.random_steps=[3, 2]"],
+        "loop.contraction_penalty must be a finite weight": ["loop.contraction_penalty=-1.0"],
+        "loop.kv_consistency does not run under pipeline parallelism": [*pipeline, "loop.kv_consistency=1.0"],
+        "loop.contraction_penalty does not run under pipeline": [*pipeline, "loop.contraction_penalty=1.0"],
+        "loop.contraction_penalty is a Stage I term": ["train.objective=stage2", "loop.contraction_penalty=1.0"],
+        r"loop.kv_consistency needs parallel.recompute='none'": ["parallel.recompute=loop", "loop.kv_consistency=1.0"],
+    }
+    for message, overrides in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message).replace(r"\'", "'")):
+            load_config(PretrainConfig, tiny, overrides)
+    # What does run under pipeline parallelism: a drawn T per step and re-injection.
+    accepted = load_config(
+        PretrainConfig, tiny, [*pipeline, "loop.random_steps=[2, 5]", "model.overrides.reinject_embedding=true"]
+    )
+    assert accepted.loop.random_steps == (2, 5) and accepted.model.build().reinject_embedding
+    with pytest.raises(ValueError, match="random_steps"):
+        TrainSettings(random_steps=(0, 2))
+    with pytest.raises(ValueError, match="kv_consistency is a Stage I term"):
+        TrainSettings(stage="stage2", kv_consistency=1.0)
+
+
+def test_both_trainers_draw_the_same_loop_counts_and_the_reference_trainer_logs_the_terms():
+    """The reference trainer's T per step is the Megatron trainer's (schedules.training_steps_at, what
+    trainer.train_on_rank runs) for the same seed; the draw covers lo..hi; the terms are logged."""
+    import torch
+
+    from looplm.model import LoopLM, LoopLMConfig
+
+    config = LoopLMConfig.preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    torch.manual_seed(0)
+    rows = torch.randint(0, 64, (16, 17))
+    settings = TrainSettings(
+        steps=6, batch_size=2, log_every=1, seed=3, random_steps=(1, 4), contraction_penalty=0.1, kv_consistency=0.1
+    )
+    records = train(LoopLM(config), rows, settings)
+    drawn = [training_steps_at(step, LoopSchedule(random_steps=(1, 4)), 3) for step in range(6)]
+    assert [r["recurrent_steps"] for r in records] == drawn
+    assert all(math.isfinite(r["contraction"]) and r["contraction"] > 0 for r in records)
+    assert all(r["kv_consistency"] >= 0 for r in records)
+    assert {r["kv_consistency"] > 0 for r in records} == {T > 1 for T in drawn}
+    many = [training_steps_at(step, LoopSchedule(random_steps=(2, 5)), 0) for step in range(400)]
+    assert set(many) == {2, 3, 4, 5} and min(many.count(t) for t in range(2, 6)) > 60
+    assert many != [training_steps_at(step, LoopSchedule(random_steps=(2, 5)), 1) for step in range(400)]
