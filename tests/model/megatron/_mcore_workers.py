@@ -578,7 +578,16 @@ def reinject_round_trip(rank: int, world_size: int, root: str) -> dict:
     }
 
 
-def loop_robust_single_process(rank: int, world_size: int, root: str, options: list[str]) -> dict:
-    """loop_robust_parity at TP=1 for each option, then reinject_round_trip, in one process start-up."""
+def loop_robust_single_process(rank: int, world_size: int, root: str, options: list[str], config) -> dict:
+    """loop_robust_parity at TP=1 for each option, then reinject_round_trip, then a Megatron trainer run of
+    `config` (its records and the config.json of its HF export), in one process start-up."""
+    import json
+    from pathlib import Path
+
+    from looplm.pipelines.training.trainer import train_on_rank
+
     parity_results = loop_robust_parity(rank, world_size, [(1, False, o) for o in options], root)
-    return {"parity": parity_results, "round_trip": reinject_round_trip(rank, world_size, root)}
+    round_trip = reinject_round_trip(rank, world_size, root)
+    records = train_on_rank(config, Path(root) / "trained")
+    exported = json.loads((Path(root) / "trained" / "hf" / "config.json").read_text())
+    return {"parity": parity_results, "round_trip": round_trip, "records": records, "exported": exported}

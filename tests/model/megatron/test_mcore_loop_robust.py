@@ -22,7 +22,7 @@ from _mcore_workers import loop_robust_parity, loop_robust_single_process, pipel
 from looplm.infra.configs import load_config
 from looplm.pipelines.reference_train import TrainSettings, train
 from looplm.pipelines.training.config import LoopSchedule, PretrainConfig
-from looplm.pipelines.training.schedules import training_steps_at
+from looplm.pipelines.training.schedules import drawn_recurrent_steps, training_steps_at
 
 ROOT = Path(__file__).resolve().parents[3]
 TOLERANCE = 1e-5
@@ -44,8 +44,29 @@ def _check(results: dict) -> None:
                 assert mine == pytest.approx(reference, rel=TOLERANCE), (case, name)
 
 
-def test_each_loop_robust_option_matches_reference_and_a_reinjecting_model_round_trips_through_ouro_hf(tmp_path):
-    (out,) = run_ranks(loop_robust_single_process, 1, tmp_path, root=str(tmp_path), options=list(OPTIONS))
+def test_loop_robust_options_on_one_rank_match_reference_round_trip_and_train(tmp_path):
+    """One process: (1) each option's loss, terms and gradients match the reference; (2) a re-injecting model
+    exports to Ouro HF, loads as the reference, and refuses to import into a model without re-injection; (3) the
+    Megatron trainer runs every option at once, draws the T that the reference trainer draws for its seed, logs
+    both terms, and exports a config.json that says reinject_embedding."""
+    steps, seed = 4, 5
+    overrides = [
+        "data.seq_len=16",
+        "data.micro_batch_size=2",
+        "data.global_batch_size=4",
+        f"train.steps={steps}",
+        f"train.seed={seed}",
+        "train.log_interval=1",
+        "train.checkpoint_interval=100",
+        "loop.random_steps=[1, 4]",
+        "loop.contraction_penalty=0.1",
+        "loop.kv_consistency=0.1",
+        "model.overrides.reinject_embedding=true",
+    ]
+    config = load_config(PretrainConfig, ROOT / "configs" / "train-tiny-cpu.yaml", overrides)
+    (out,) = run_ranks(
+        loop_robust_single_process, 1, tmp_path, root=str(tmp_path), options=list(OPTIONS), config=config
+    )
     assert len(out["parity"]) == len(OPTIONS)
     _check(out["parity"])
     trip = out["round_trip"]
@@ -53,6 +74,11 @@ def test_each_loop_robust_option_matches_reference_and_a_reinjecting_model_round
     assert trip["tensors_equal"]
     assert trip["loss"] == pytest.approx(trip["ref_loss"], rel=TOLERANCE)
     assert "reinject_embedding=True" in trip["mismatch_error"], trip["mismatch_error"]
+    trained = [r for r in out["records"] if "loss" in r]
+    reference_draws = [drawn_recurrent_steps(step, 1, 4, seed) for step in range(steps)]
+    assert [r["recurrent_steps"] for r in trained] == reference_draws
+    assert all(r["contraction"] > 0 and r["kv_consistency"] >= 0 for r in trained)
+    assert out["exported"]["reinject_embedding"] is True
 
 
 @pytest.mark.slow
@@ -111,10 +137,10 @@ def test_both_trainers_draw_the_same_loop_counts_and_the_reference_trainer_logs_
     torch.manual_seed(0)
     rows = torch.randint(0, 64, (16, 17))
     settings = TrainSettings(
-        steps=6, batch_size=2, log_every=1, seed=3, random_steps=(1, 4), contraction_penalty=0.1, kv_consistency=0.1
+        steps=4, batch_size=2, log_every=1, seed=3, random_steps=(1, 4), contraction_penalty=0.1, kv_consistency=0.1
     )
     records = train(LoopLM(config), rows, settings)
-    drawn = [training_steps_at(step, LoopSchedule(random_steps=(1, 4)), 3) for step in range(6)]
+    drawn = [training_steps_at(step, LoopSchedule(random_steps=(1, 4)), 3) for step in range(4)]
     assert [r["recurrent_steps"] for r in records] == drawn
     assert all(math.isfinite(r["contraction"]) and r["contraction"] > 0 for r in records)
     assert all(r["kv_consistency"] >= 0 for r in records)
