@@ -2,7 +2,9 @@
 
 - `save_model` / `load_model`: the model's sharded state dict in a folder, at any TP x PP x DP layout
   (megatron names layers by their global index, so a checkpoint written at PP=1 loads at PP=2 and back).
-- `export_hf` / `import_hf`: the Ouro HF layout (safetensors + config.json) from and into any layout.
+- `export_hf` / `import_hf`: the Ouro HF layout (safetensors + config.json) from and into any layout. A model with
+  reinject_embedding exports it in config.json (no extra tensor); importing into a model built otherwise is an
+  error, since the same tensors would compute another function.
 
 Training checkpoints (optimizer state, RNG, trainer.json, `latest`, retention) are training mechanics and live in
 `looplm.pipelines.training.checkpoints`. All functions here are collectives over the default process group.
