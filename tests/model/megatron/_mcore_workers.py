@@ -472,6 +472,8 @@ LOOP_ROBUST_OPTIONS = {
     "contraction": {"contraction_penalty": 0.7},
     "kv_consistency": {"kv_consistency": 2.0},
     "all": {"reinject": True, "contraction_penalty": 0.7, "kv_consistency": 2.0},
+    # loop-level recompute reruns the pass (and the probed pass) in backward
+    "contraction_recompute_loop": {"reinject": True, "contraction_penalty": 0.7, "recompute": "loop"},
 }
 
 
@@ -499,6 +501,7 @@ def loop_robust_parity(
     for tp, sp, option in cases:
         settings = dict(LOOP_ROBUST_OPTIONS[option])
         reinject = settings.pop("reinject", False)
+        recompute = settings.pop("recompute", "none")
         settings["probe_seed"] = 1234
         base, reference, ids, labels = reference_and_batch()
         config = dataclasses.replace(base, reinject_embedding=reinject)
@@ -507,7 +510,7 @@ def loop_robust_parity(
         ref_out.loss.backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
         checkpoint = reference.save_pretrained(f"{root}/reference-{option}-rank{rank}", overwrite=True)
-        parallel = ParallelConfig(tensor_parallel=tp, sequence_parallel=sp)
+        parallel = ParallelConfig(tensor_parallel=tp, sequence_parallel=sp, recompute=recompute)
         initialize_model_parallel(parallel, seed=7)
         model = MegatronLoopLM(config, parallel, seed=7)
         import_hf(model, checkpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from _mcore_spawn import run_ranks
-from _mcore_workers import loop_robust_parity, loop_robust_single_process, pipeline_parity
+from _mcore_workers import LOOP_ROBUST_OPTIONS, loop_robust_parity, loop_robust_single_process, pipeline_parity
 
 from looplm.infra.configs import load_config
 from looplm.pipelines.reference_train import TrainSettings, train
@@ -26,7 +26,7 @@ from looplm.pipelines.training.schedules import drawn_recurrent_steps, training_
 
 ROOT = Path(__file__).resolve().parents[3]
 TOLERANCE = 1e-5
-OPTIONS = ("reinject", "contraction", "kv_consistency", "all")
+OPTIONS = tuple(LOOP_ROBUST_OPTIONS)  # each option alone, all together, contraction under loop recompute
 
 
 def _check(results: dict) -> None:
@@ -34,9 +34,9 @@ def _check(results: dict) -> None:
         assert figures["loss"] == pytest.approx(figures["ref_loss"], rel=TOLERANCE), case
         assert figures["max_grad_rel_err"] <= TOLERANCE, (case, figures["worst"], figures["max_grad_rel_err"])
         assert figures["ce_per_step"] == pytest.approx(figures["ref_ce_per_step"], rel=TOLERANCE), case
-        option = case[-1]
+        weights = LOOP_ROBUST_OPTIONS[case[-1]]
         for name, (mine, reference) in figures["terms"].items():
-            switched_on = option == "all" or option == name
+            switched_on = weights.get(name, weights.get(f"{name}_penalty", 0)) > 0
             assert (reference is not None) == switched_on, (case, name)
             assert (mine is not None) == switched_on, (case, name)
             if switched_on:
