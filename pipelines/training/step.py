@@ -15,8 +15,9 @@ step's gradient is that of the mean over every counted token of the global batch
 DP and PP layout.
 
 The loop-robust terms (loop.contraction_penalty, loop.kv_consistency) are added to each micro-batch's Stage I
-loss at PP = 1, with micro-batch m's contraction probe drawn from probe_seed + m; the pipeline does not carry
-them (model/megatron/pipeline.py), and the config refuses them with PP > 1.
+loss at PP = 1, with micro-batch m's contraction probe drawn from probe_seed + m; being part of the micro-batch's
+loss, they weigh by its token count like its CE (equal weights for equal micro-batches). The pipeline does not
+carry them (model/megatron/pipeline.py), and the config refuses them with PP > 1.
 
 `step_figures` turns the per-micro-batch figures that only the last stage holds into the same logged numbers
 on every rank.
