@@ -89,10 +89,10 @@ def test_loop_robust_options_match_reference_under_tensor_and_sequence_paralleli
 
 @pytest.mark.slow
 def test_reinjection_and_a_drawn_loop_count_match_reference_through_the_pipeline(tmp_path):
-    """PP=2 with re-injection (the first stage re-embeds at the start of each loop) at T = 5, a T that
+    """PP=2 with re-injection (the first stage re-embeds at the start of each loop) at T = 3, a T that
     loop.random_steps can draw for a step (the step makes T virtual chunks, whatever T is); 2 micro-batches of 4."""
     results = run_ranks(
-        pipeline_parity, 2, tmp_path, cases=[(1, 2, False)], root=str(tmp_path), steps=5, reinject=True, micro_batch=4
+        pipeline_parity, 2, tmp_path, cases=[(1, 2, False)], root=str(tmp_path), steps=3, reinject=True, micro_batch=4
     )
     for rank_results in results:
         for case, figures in rank_results.items():
