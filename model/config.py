@@ -34,6 +34,9 @@ class LoopLMConfig:
     bos_token_id: int = 0
     eos_token_id: int = 0
     pad_token_id: int = 0
+    # Not in Ouro (looplm's loop-robust option, looplm.py): every pass after the first starts from
+    # h_{t-1} + rms_normalize(embedding). Written to config.json only when true, so Ouro checkpoints are unchanged.
+    reinject_embedding: bool = False
 
     def __post_init__(self) -> None:
         positive = (
@@ -66,6 +69,8 @@ class LoopLMConfig:
             raise ConfigError("rope_theta and rms_norm_eps must be positive")
         if not 0.0 <= self.early_exit_threshold <= 1.0:
             raise ConfigError(f"early_exit_threshold must lie in [0, 1], got {self.early_exit_threshold}")
+        if not isinstance(self.reinject_embedding, bool):
+            raise ConfigError(f"reinject_embedding must be true or false, got {self.reinject_embedding!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(f"{name} ({getattr(self, name)}) is outside the vocabulary")
@@ -123,6 +128,8 @@ class LoopLMConfig:
         """The `config.json` of an Ouro checkpoint."""
         fields = dataclasses.asdict(self)
         fields["head_dim"] = self.attention_head_dim
+        if not self.reinject_embedding:
+            del fields["reinject_embedding"]  # an Ouro config.json, byte for byte as before the option existed
         return {
             "architectures": ["OuroForCausalLM"],
             "model_type": "ouro",

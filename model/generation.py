@@ -197,7 +197,7 @@ def _decode_one(
     Returns each row's h at its exit step and the exit step (1-indexed).
     """
     count = token_ids.shape[0]
-    h = model.model.embed_tokens(token_ids)[:, None]  # [rows, 1, d]
+    embedding = h = model.model.embed_tokens(token_ids)[:, None]  # [rows, 1, d]
     cos, sin = model.rope(positions[:, None], h.dtype)
     mask = None
     if key_mask is not None:
@@ -211,6 +211,8 @@ def _decode_one(
     for t in range(1, steps + 1):
         cache_rows = _compose(rows, active, count)
         past = [cache.past(t, layer, cache_rows) for layer in range(model.config.num_hidden_layers)]
+        if t > 1:
+            h = model.pass_input(h, embedding)
         h, step_kv = model.recurrent_step(h, cos, sin, mask, past)
         for layer, kv in enumerate(step_kv):
             cache.record(t, layer, cache_rows, kv)
@@ -221,7 +223,7 @@ def _decode_one(
         if bool(done.all()):
             break
         stay = ~done
-        active, h, survival = active[stay], h[stay], survival[stay]
+        active, h, survival, embedding = active[stay], h[stay], survival[stay], embedding[stay]
         cos, sin = cos[stay], sin[stay]
         mask = None if mask is None else mask[stay]
         h_prev = h[:, 0]

@@ -17,6 +17,18 @@ Architectural choices, each as in the released Ouro models (ouro-spec.md §1-2, 
   t < T and p_T = prod_{j<T}(1 - lambda_j), so the leftover mass goes to the last step.
 - Separate (untied) embedding and LM head unless the config ties them.
 
+One option that Ouro does not have, off by default (`reinject_embedding`; off, the model is bit-identical to
+the one above and its config.json is Ouro's): every pass after the first starts from
+      x_t = h_{t-1} + rms_normalize(e)      (t = 2..T; x_1 = e, the token embedding)
+with rms_normalize the RMSNorm without gain. Why this form: h_{t-1} leaves the final norm with RMS of its gain
+(about 1), and the parameter-free normalised embedding has RMS 1 whatever the embedding's scale (0.02 at init),
+so the injection is as strong as the state from the first step of training and stays bounded: the sum of two
+bounded vectors cannot grow from pass to pass, which an unnormalised or learned injection could (Parcae traces
+looped instability to the injection's norm, ouro-spec.md §12). It adds no tensor, so checkpoints keep Ouro's
+tensor names and the Megatron conversion is unchanged; the config flag alone says how to run the loop. The
+loop then has a fixed input to return to, which is what keeps states meaningful past the trained T (Huginn and
+Parcae inject by concatenation + adapter, or by a decayed linear map; both add parameters).
+
 This file holds the model and nothing else: objectives are in `objectives.py`, decoding with exit policies and
 KV caches in `generation.py`, checkpoint I/O in `checkpoint.py`. Attribute names follow the Ouro checkpoint, so
 `state_dict()` keys are its tensor names.
@@ -35,6 +47,12 @@ from torch import nn
 from .config import LoopLMConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [batch, kv_heads, seq, head_dim], RoPE applied
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, in fp32, cast back: RMSNorm without its gain (the re-injected embedding)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +198,7 @@ class LoopLMOutput:
     exit_probs: torch.Tensor
     logits: list[torch.Tensor] | None = None
     kv: list[list[KV]] | None = None
+    probed_last: torch.Tensor | None = None  # the last pass run again on its input + probe (forward's `probe`)
 
 
 class LoopLM(nn.Module):
@@ -226,6 +245,13 @@ class LoopLM(nn.Module):
             step_kv.append(kv)
         return self.model.norm(h), step_kv
 
+    def pass_input(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """The input of a pass after the first, from the previous pass's h_{t-1} and the token embedding e:
+        h_{t-1} (Ouro), or h_{t-1} + rms_normalize(e) with reinject_embedding (see the module docstring)."""
+        if not self.config.reinject_embedding:
+            return h
+        return h + rms_normalize(embedding, self.config.rms_norm_eps)
+
     def exit_gate(self, h: torch.Tensor) -> torch.Tensor:
         """The gate's logit for each position of h_t: [batch, seq]."""
         return self.model.early_exit_gate(h).squeeze(-1)
@@ -238,12 +264,15 @@ class LoopLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = True,
         return_kv: bool = False,
+        probe: torch.Tensor | None = None,
     ) -> LoopLMOutput:
         """Run the loop T = num_steps times (default: the config's total_ut_steps) over a [batch, seq] batch.
 
         attention_mask: optional [batch, seq] of 1 for real tokens and 0 for left padding; positions then
         count real tokens only. Pass return_logits=False when the caller computes the per-step loss itself
-        (objectives.py), so that T full-vocabulary logit tensors are never alive together.
+        (objectives.py), so that T full-vocabulary logit tensors are never alive together. probe: a
+        [batch, seq, hidden] displacement; the last pass is run once more on its input + probe and the result
+        returned as probed_last (the contraction estimate of objectives.py compares it with h_T).
         """
         steps = self.config.total_ut_steps if num_steps is None else num_steps
         if steps < 1:
@@ -253,11 +282,16 @@ class LoopLM(nn.Module):
             raise ValueError(
                 f"sequence of {seq} tokens is longer than the context ({self.config.max_position_embeddings} positions)"
             )
-        h = self.model.embed_tokens(input_ids)
+        embedding = h = self.model.embed_tokens(input_ids)
         positions, mask = positions_and_mask(attention_mask, batch, seq, input_ids.device)
         cos, sin = self.rope(positions, h.dtype)
         hidden_states, gate_logits, kv = [], [], []
-        for _ in range(steps):
+        probed_last = None
+        for t in range(steps):
+            if t > 0:
+                h = self.pass_input(h, embedding)
+            if probe is not None and t == steps - 1:
+                probed_last, _ = self.recurrent_step(h + probe.to(h.dtype), cos, sin, mask)
             h, step_kv = self.recurrent_step(h, cos, sin, mask)
             hidden_states.append(h)
             gate_logits.append(self.exit_gate(h))
@@ -270,6 +304,7 @@ class LoopLM(nn.Module):
             exit_probs=exit_distribution(gates),
             logits=[self.lm_head(h) for h in hidden_states] if return_logits else None,
             kv=kv if return_kv else None,
+            probed_last=probed_last,
         )
 
     # ---------------------------------------------------------------- conveniences over the other modules

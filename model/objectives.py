@@ -11,6 +11,28 @@ Stage II trains the gate alone on a frozen LM:
     L   = (1/T) * sum_{t=2..T} BCE(1 - lambda_t, w_t)
 The sum starts at t = 2 and the normaliser is T, both as the paper writes them.
 
+Two optional Stage I terms aim at a loop that stays good past its trained T and whose steps agree (neither is in
+Ouro; both are off at weight 0, and then nothing extra is computed):
+
+- contraction (weight `contraction_penalty`): a finite-difference estimate of the gain of the last pass
+  f: x_T -> h_T (the whole shared stack and the final norm),
+      c = ||f(x_T + delta) - f(x_T)||^2 / ||delta||^2,   delta = CONTRACTION_PROBE_SCALE * N(0, I),
+  over the whole [batch, seq, hidden] tensor: a one-probe Hutchinson estimate of ||J||_F^2 / n, the mean squared
+  singular value of the pass's Jacobian, as in the Jacobian regularisation of deep equilibrium models (Bai et
+  al. 2021). Why a finite difference and not a JVP or a vector-Jacobian product: it costs one more forward pass
+  (f(x_T) = h_T is already there), its gradient is an ordinary backward (no double backward, which megatron's
+  checkpointed layers do not support), and at a finite scale it measures the secant gain ||f(x)-f(y)||/||x-y||
+  that contraction is about. The last pass is the one that is iterated when the model runs past T. x_T is not
+  detached: the gradient also moves the trajectory towards states where the map contracts, for no extra pass.
+  The probe is drawn from `probe_seed` alone, so the term is deterministic and the Megatron model draws the
+  same probe (in its own layout).
+- kv_consistency (weight `kv_consistency`): the mean over layers and steps t < T of
+      mean (K_t - sg K_T)^2 + mean (V_t - sg V_T)^2,
+  the keys and values each step already computes (sg: stop-gradient). Decoding with one shared KV cache
+  (`last_step`) lets step t attend to step T's keys and values, so it is exact when they agree. The stop-gradient
+  moves the earlier steps towards step T, never step T's (the per-step quality at T) towards worse earlier
+  steps. RoPE rotates K_t and K_T at a position alike, so the term is the same before or after RoPE. 0 at T = 1.
+
 Per-step cross-entropy is computed one step at a time, and the LM head plus the loss of a step run under
 activation checkpointing: only h_t is kept for backward and the step's [batch, seq, vocab] logits are rebuilt
 when its gradient is needed, so T full-vocabulary logit tensors are never alive together.
@@ -29,6 +51,7 @@ from .looplm import LoopLM, exit_distribution
 IGNORE_INDEX = -100
 STAGE2_K = 50.0
 STAGE2_GAMMA = 0.005
+CONTRACTION_PROBE_SCALE = 0.1  # delta per channel, against a state of RMS ~1 (the final norm's output)
 
 
 @dataclass
@@ -40,6 +63,28 @@ class LossOutput:
     exit_probs_mean: torch.Tensor  # [T], detached
     entropy: torch.Tensor  # mean per-token entropy of p, detached
     num_tokens: int
+    contraction: torch.Tensor | None = None  # the contraction estimate c (detached), when its weight is > 0
+    kv_consistency: torch.Tensor | None = None  # the KV consistency term (detached), when its weight is > 0
+
+
+def contraction_probe(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """delta of the contraction estimate, [batch, seq, hidden] fp32 on the CPU: a function of the seed alone."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * CONTRACTION_PROBE_SCALE
+
+
+def kv_consistency_term(kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """mean over layers and t < T of mean (K_t - sg K_T)^2 + mean (V_t - sg V_T)^2; kv[t][layer] = (K, V)."""
+    last = kv[-1]
+    terms = [
+        (k.float() - last[layer][0].detach().float()).pow(2).mean()
+        + (v.float() - last[layer][1].detach().float()).pow(2).mean()
+        for step in kv[:-1]
+        for layer, (k, v) in enumerate(step)
+    ]
+    if not terms:  # T = 1: one step agrees with itself
+        return torch.zeros((), device=last[0][0].device)
+    return torch.stack(terms).mean()
 
 
 def _token_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -73,13 +118,31 @@ def stage1_loss(
     beta: float,
     num_steps: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    contraction_penalty: float = 0.0,
+    kv_consistency: float = 0.0,
+    probe_seed: int = 0,
 ) -> LossOutput:
-    """Stage I: expected per-step CE under the exit distribution minus beta times its entropy.
+    """Stage I: expected per-step CE under the exit distribution minus beta times its entropy, plus the optional
+    loop-robust terms (module docstring) with weights contraction_penalty and kv_consistency.
 
     labels[b, i] is the token that follows position i (already shifted), IGNORE_INDEX where not counted.
+    probe_seed draws the contraction probe.
     """
     counted = _check_labels(input_ids, labels)
-    out = model(input_ids, num_steps, attention_mask=attention_mask, return_logits=False)
+    if contraction_penalty < 0 or kv_consistency < 0:
+        raise ValueError(f"penalty weights must be >= 0, got {contraction_penalty=} and {kv_consistency=}")
+    probe = None
+    if contraction_penalty > 0:
+        shape = (*input_ids.shape, model.config.hidden_size)
+        probe = contraction_probe(shape, probe_seed).to(input_ids.device)
+    out = model(
+        input_ids,
+        num_steps,
+        attention_mask=attention_mask,
+        return_logits=False,
+        return_kv=kv_consistency > 0,
+        probe=probe,
+    )
     p = out.exit_probs  # [batch, seq, T], fp32
     expected_ce = torch.zeros_like(p[..., 0])
     ce_means = []
@@ -89,12 +152,23 @@ def stage1_loss(
         ce_means.append(ce[counted].mean().detach())
     entropy = -torch.special.xlogy(p, p).sum(-1)
     per_token = expected_ce - beta * entropy
+    loss = per_token[counted].mean()
+    contraction = consistency = None
+    if probe is not None:
+        difference = (out.probed_last.float() - out.hidden_states[-1].float()).pow(2).sum()
+        contraction = difference / probe.pow(2).sum()
+        loss = loss + contraction_penalty * contraction
+    if kv_consistency > 0:
+        consistency = kv_consistency_term(out.kv)
+        loss = loss + kv_consistency * consistency
     return LossOutput(
-        loss=per_token[counted].mean(),
+        loss=loss,
         ce_per_step=torch.stack(ce_means),
         exit_probs_mean=p[counted].mean(0).detach(),
         entropy=entropy[counted].mean().detach(),
         num_tokens=int(counted.sum()),
+        contraction=None if contraction is None else contraction.detach(),
+        kv_consistency=None if consistency is None else consistency.detach(),
     )
 
 

@@ -3,6 +3,12 @@
 Scale-out pretraining is the Megatron-core trainer's job; this loop is the small, readable one. It packs
 token streams into fixed-length sequences, then runs AdamW (0.9, 0.95, weight decay 0.1, clip 1.0) with a
 linear warmup and cosine decay on the Stage I objective, or on the Stage II objective over the gate alone.
+
+Loop-robust options (not in Ouro), the Megatron trainer's loop.* fields under the same names:
+- random_steps (lo, hi): each step's T uniform on lo..hi, drawn by `schedules.drawn_recurrent_steps` from the run's
+  seed and the step (the Megatron trainer draws the same T; the batches stay those of a fixed-T run);
+- contraction_penalty, kv_consistency: weights of the Stage I terms of `looplm.model.objectives`, logged unweighted
+  as `contraction` and `kv_consistency`; the contraction probe of step s is drawn from `schedules.probe_seed_at`.
 """
 
 from __future__ import annotations
@@ -34,12 +40,23 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
+    random_steps: tuple[int, int] | None = None  # T of each step drawn from lo..hi inclusive; None: num_steps
+    contraction_penalty: float = 0.0  # weight of the last pass's contraction estimate (Stage I)
+    kv_consistency: float = 0.0  # weight of the step-t vs step-T keys and values term (Stage I)
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.random_steps is not None and not 1 <= self.random_steps[0] <= self.random_steps[1]:
+            raise ValueError(f"random_steps (lo, hi) needs 1 <= lo <= hi, got {self.random_steps!r}")
+        for name in ("contraction_penalty", "kv_consistency"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
+            if value > 0 and self.stage != "stage1":
+                raise ValueError(f"{name} is a Stage I term; stage={self.stage!r} trains the exit gate alone")
 
 
 def pack_documents(documents: Iterable[Sequence[int]], end_of_document: int, seq_len: int) -> torch.Tensor:
@@ -93,10 +110,22 @@ def train(
         inputs, labels = split_batch(sequences[pick])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
+        num_steps = settings.num_steps
+        if settings.random_steps is not None:
+            num_steps = schedules.drawn_recurrent_steps(step, *settings.random_steps, settings.seed)
         if settings.stage == "stage1":
-            out = stage1_loss(model, inputs, labels, beta=settings.beta, num_steps=settings.num_steps)
+            out = stage1_loss(
+                model,
+                inputs,
+                labels,
+                beta=settings.beta,
+                num_steps=num_steps,
+                contraction_penalty=settings.contraction_penalty,
+                kv_consistency=settings.kv_consistency,
+                probe_seed=schedules.probe_seed_at(step, settings.seed),
+            )
         else:
-            out = stage2_loss(model, inputs, labels, num_steps=settings.num_steps)
+            out = stage2_loss(model, inputs, labels, num_steps=num_steps)
         if not torch.isfinite(out.loss):
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             if bad_in_a_row >= settings.max_bad_steps:
@@ -116,6 +145,9 @@ def train(
                 "grad_norm": grad_norm.item(),
                 "entropy": out.entropy.item(),
                 "skipped_steps": skipped,
+                "recurrent_steps": len(out.ce_per_step),
+                **({"contraction": out.contraction.item()} if out.contraction is not None else {}),
+                **({"kv_consistency": out.kv_consistency.item()} if out.kv_consistency is not None else {}),
                 **{f"ce_step_{t + 1}": v for t, v in enumerate(out.ce_per_step.tolist())},
                 **{f"exit_prob_step_{t + 1}": v for t, v in enumerate(out.exit_probs_mean.tolist())},
             }

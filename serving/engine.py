@@ -379,13 +379,15 @@ class Engine:
         itself = torch.ones(count, 1, dtype=torch.bool, device=self.device)
         mask = torch.cat([key_index[None] < positions[:, None], itself], 1)[:, None, None]
 
-        h = model.model.embed_tokens(token_ids)[:, None]
+        embedding = h = model.model.embed_tokens(token_ids)[:, None]
         cos, sin = model.rope(positions[:, None], h.dtype)
         active = torch.arange(count, device=self.device)
         survival = torch.ones(count, device=self.device)
         final_h = torch.empty(count, h.shape[-1], dtype=h.dtype, device=self.device)
         exit_steps = torch.empty(count, dtype=torch.long, device=self.device)
         for t in range(1, max(steps_of) + 1):
+            if t > 1:  # a reinject_embedding model re-injects e at each later pass; Ouro's: h unchanged
+                h = model.pass_input(h, embedding)
             step_kv = []
             for layer_index, layer in enumerate(model.model.layers):
                 past = kv.gather(t, layer_index, tables)
@@ -414,7 +416,7 @@ class Engine:
             if bool(done.all()):
                 break
             stay = ~done
-            active, h, survival = active[stay], h[stay], survival[stay]
+            active, h, survival, embedding = active[stay], h[stay], survival[stay], embedding[stay]
             cos, sin, mask, tables = cos[stay], sin[stay], mask[stay], tables[stay]
             where, last_steps, thresholds = (where[0][stay], where[1][stay]), last_steps[stay], thresholds[stay]
         self._counters["decode_tokens"] += count

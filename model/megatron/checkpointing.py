@@ -2,7 +2,9 @@
 
 - `save_model` / `load_model`: the model's sharded state dict in a folder, at any TP x PP x DP layout
   (megatron names layers by their global index, so a checkpoint written at PP=1 loads at PP=2 and back).
-- `export_hf` / `import_hf`: the Ouro HF layout (safetensors + config.json) from and into any layout.
+- `export_hf` / `import_hf`: the Ouro HF layout (safetensors + config.json) from and into any layout. A model with
+  reinject_embedding exports it in config.json (no extra tensor); importing into a model built otherwise is an
+  error, since the same tensors would compute another function.
 
 Training checkpoints (optimizer state, RNG, trainer.json, `latest`, retention) are training mechanics and live in
 `looplm.pipelines.training.checkpoints`. All functions here are collectives over the default process group.
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from ..config import LoopLMConfig
+from ..config import ConfigError, LoopLMConfig
 from .convert import (
     gather_pipeline_parallel,
     gather_tensor_parallel,
@@ -77,11 +79,26 @@ def export_hf(model: torch.nn.Module, config: LoopLMConfig, directory: str | Pat
     return path
 
 
+def _loop_config(model: torch.nn.Module) -> LoopLMConfig | None:
+    """The LoopLMConfig a (possibly wrapped) MegatronLoopLM was built with."""
+    for module in model.modules():
+        if isinstance(getattr(module, "loop_config", None), LoopLMConfig):
+            return module.loop_config
+    return None
+
+
 def import_hf(model: torch.nn.Module, directory: str | Path) -> LoopLMConfig:
     """Load an Ouro HF checkpoint (a released Ouro model, or export_hf's) into the Megatron model at its TP x PP."""
     from ..checkpoint import load_pretrained
 
     reference = load_pretrained(directory)
+    built = _loop_config(model)
+    if built is not None and built.reinject_embedding != reference.config.reinject_embedding:
+        raise ConfigError(
+            f"{directory} holds a model with reinject_embedding={reference.config.reinject_embedding}, but this "
+            f"model was built with reinject_embedding={built.reinject_embedding}: the same weights would compute "
+            "another function; set the model's reinject_embedding to the checkpoint's"
+        )
     full = hf_to_megatron({k: v.float() for k, v in reference.state_dict().items()}, reference.config)
     local = shard(
         full, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()

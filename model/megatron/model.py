@@ -18,12 +18,20 @@ names). `pipeline.py` runs the loop over the stages. The TransformerBlock is alw
 so it computes on its argument; the stage's input from the previous stage arrives through `set_input_tensor` and
 is read by the loop chunk, not by the block.
 
+With `reinject_embedding` (looplm's option, not Ouro's; see looplm.py) every pass after the first starts from
+h_{t-1} + rms_normalize(e): `pass_input`, on the embedding output in megatron's layout (under SP both are this
+rank's slice of the sequence). Under pipeline parallelism the first stage recomputes e at each loop, so nothing
+but h travels. `capture_keys_values` exposes each layer's keys and values of a pass (the KV consistency term of
+losses.py) without changing the layers: it reads them off the fused QKV projection's output while it is open.
+
 Objectives live in `losses.py`; `forward` runs one of them, so a DDP-wrapped model is called like any module.
 The CPU patches (`cpu_shim.apply`) are applied by whoever starts the process; the constructor only checks them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,6 +46,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 from ..config import LoopLMConfig
+from ..looplm import rms_normalize
 from ..objectives import IGNORE_INDEX
 from . import cpu_shim
 from .config import ParallelConfig
@@ -117,6 +126,40 @@ class MegatronLoopLM(MegatronModule):
         mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)[None, None]
         return {"attention_mask": mask, "rotary_pos_emb": self.rotary_pos_emb(seq_len)}
 
+    def pass_input(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """The input of a pass after the first: h_{t-1}, or h_{t-1} + rms_normalize(e) with reinject_embedding."""
+        if not self.loop_config.reinject_embedding:
+            return h
+        return h + rms_normalize(embedding, self.loop_config.rms_norm_eps)
+
+    @contextlib.contextmanager
+    def capture_keys_values(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """While open, every layer pass appends its (keys, values), each [seq, batch, local KV heads, head_dim]
+        before RoPE (this TP rank's heads, the full sequence), read off the fused QKV projection's output.
+
+        Only with recompute="none": a recomputed pass runs its first forward without autograd (and again in
+        backward), so what it captured would carry no gradient.
+        """
+        if self.parallel.recompute != "none":
+            raise ValueError(f"capturing keys and values needs recompute='none', not {self.parallel.recompute!r}")
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        heads_per_group = self.loop_config.num_attention_heads // self.loop_config.num_key_value_heads
+        head_dim = self.loop_config.attention_head_dim
+
+        def keep(_module, _args, output) -> None:
+            mixed = output[0] if isinstance(output, tuple) else output
+            # megatron's fused layout, per query group: its query heads, then its key, then its value
+            grouped = mixed.view(*mixed.shape[:2], -1, (heads_per_group + 2) * head_dim)
+            _, k, v = grouped.split([heads_per_group * head_dim, head_dim, head_dim], dim=-1)
+            captured.append((k, v))
+
+        handles = [layer.self_attention.linear_qkv.register_forward_hook(keep) for layer in self.decoder.layers]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def recurrent_step(self, h: torch.Tensor, attention_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One pass through the whole shared stack, then the final norm: h_{t-1} -> h_t. Under pipeline
         parallelism: this stage's layers, and the final norm on the last stage.
@@ -173,14 +216,15 @@ class MegatronLoopLM(MegatronModule):
         beta: float = 0.05,
         **objective_kwargs: Any,
     ):
-        """Run `objective` ("stage1" or "stage2", see losses.py) over a [batch, seq] batch; returns its LossOutput."""
+        """Run `objective` ("stage1" or "stage2", see losses.py) over a [batch, seq] batch; returns its LossOutput.
+        objective_kwargs go to the objective (stage1: contraction_penalty, kv_consistency, probe_seed)."""
         from . import losses
 
         if not (self.pre_process and self.post_process):
             raise RuntimeError("this model is one pipeline stage: run the loop with pipeline.loop_chunks")
         steps = self.loop_config.total_ut_steps if num_steps is None else num_steps
         if objective == "stage1":
-            return losses.stage1_loss(self, input_ids, labels, beta=beta, num_steps=steps)
+            return losses.stage1_loss(self, input_ids, labels, beta=beta, num_steps=steps, **objective_kwargs)
         if objective == "stage2":
             return losses.stage2_loss(self, input_ids, labels, num_steps=steps, **objective_kwargs)
         raise ValueError(f"objective must be 'stage1' or 'stage2', got {objective!r}")

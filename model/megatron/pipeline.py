@@ -26,6 +26,12 @@ group of all M micro-batches, and the packed width as hidden_size. Megatron's co
 of micro-batch 0 must have left the last stage before stage 0 starts loop 2) is checked by the trainer's config.
 With T = 1 there is one chunk and the step runs megatron's non-interleaved 1F1B.
 
+Loop-robust options (objectives.py): a drawn T per step and `reinject_embedding` work here (the first stage
+recomputes the embedding at the start of each loop t > 0, from the stage's own weights, so only h travels and
+the embedding's gradient sums over its uses); the contraction and KV consistency terms do not (they would need
+a second state, or each stage's step-t keys and values kept until loop T, to travel the ring), and the
+trainer's config refuses them with parallel.pipeline_parallel > 1.
+
 The bubble is the interleaved schedule's: (P-1)/(M*T) of a step, against (P-1)/M for 1F1B over a stage that
 looped its own layers.
 """
@@ -119,6 +125,8 @@ class LoopChunk(torch.nn.Module):
             if self.input_tensor is None:
                 raise RuntimeError(f"loop {self.loop} on stage {_stage_rank()} received no input tensor")
             h, state = unpack(self.input_tensor, model.config)
+            if model.pre_process and model.loop_config.reinject_embedding:  # the start of loop t > 0
+                h = model.pass_input(h, model.embed(input_ids))
         h = model.recurrent_step(h, model.attention_inputs(input_ids.shape[1], input_ids.device))
         if not model.post_process:
             return pack(h, state, model.config)

@@ -123,12 +123,35 @@ class OptimConfig:
 class LoopSchedule:
     recurrent_steps: tuple[tuple[int, int], ...] = ((0, 4),)  # [[from_step, T], ...]
     beta: tuple[tuple[int, float], ...] = ((0, 0.05),)  # [[from_step, beta], ...] (Stage I entropy weight)
+    # Loop-robust training (not in Ouro; looplm.model.objectives). random_steps: [lo, hi], each optimizer step's T
+    # drawn uniformly from lo..hi (a function of train.seed and the step: schedules.drawn_recurrent_steps), in
+    # place of recurrent_steps, which then sets only the final validation's T. null: recurrent_steps.
+    random_steps: tuple[int, int] | None = None
+    contraction_penalty: float = 0.0  # weight of the last pass's contraction estimate (Stage I, PP = 1)
+    kv_consistency: float = 0.0  # weight of the step-t vs step-T keys/values term (Stage I, PP = 1, no recompute)
 
     def __post_init__(self) -> None:
         _check_piecewise("loop.recurrent_steps", self.recurrent_steps)
         _check_piecewise("loop.beta", self.beta)
         if any(t < 1 for _, t in self.recurrent_steps):
             raise ConfigError(f"loop.recurrent_steps values must be >= 1, got {self.recurrent_steps!r}")
+        if self.random_steps is not None:
+            low, high = self.random_steps
+            if not 1 <= low <= high:
+                raise ConfigError(f"loop.random_steps [lo, hi] needs 1 <= lo <= hi, got {list(self.random_steps)}")
+        for name in ("contraction_penalty", "kv_consistency"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise ConfigError(f"loop.{name} must be a finite weight >= 0, got {value!r}")
+
+    @property
+    def penalties(self) -> tuple[str, ...]:
+        """The loop-robust loss terms this schedule switches on (their config names)."""
+        return tuple(name for name in ("contraction_penalty", "kv_consistency") if getattr(self, name) > 0)
+
+    def penalties_on(self, term: str) -> bool:
+        """Whether the term `contraction` or `kv_consistency` (as logged) is switched on."""
+        return {"contraction": self.contraction_penalty, "kv_consistency": self.kv_consistency}[term] > 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +209,7 @@ class PretrainConfig:
                 )
         if self.parallel.pipeline_parallel > 1:
             self._check_pipeline(per_step)
+        self._check_loop_penalties()
         if self.optim.implementation == "torch" and self.parallel.precision == "bf16":
             raise ConfigError(
                 "optim.implementation='torch' steps fp32 params only; parallel.precision='bf16' needs "
@@ -193,6 +217,26 @@ class PretrainConfig:
             )
         if self.data.seq_len > self.model.build().max_position_embeddings:
             raise ConfigError("data.seq_len is longer than the model's max_position_embeddings")
+
+    def _check_loop_penalties(self) -> None:
+        """What the loop-robust loss terms need of the rest of the config."""
+        for name in self.loop.penalties:
+            if self.train.objective != "stage1":
+                raise ConfigError(
+                    f"loop.{name} is a Stage I term; train.objective={self.train.objective!r} trains the exit gate "
+                    f"alone: set loop.{name}=0"
+                )
+            if self.parallel.pipeline_parallel > 1:
+                raise ConfigError(
+                    f"loop.{name} does not run under pipeline parallelism (parallel.pipeline_parallel="
+                    f"{self.parallel.pipeline_parallel}): the term would have to travel the loop's ring of stages; "
+                    "run it with parallel.pipeline_parallel=1"
+                )
+        if self.loop.kv_consistency > 0 and self.parallel.recompute != "none":
+            raise ConfigError(
+                f"loop.kv_consistency needs parallel.recompute='none', got {self.parallel.recompute!r}: a recomputed "
+                "pass keeps no keys and values with their gradient"
+            )
 
     def _check_pipeline(self, per_step: int) -> None:
         """What the looped pipeline (looplm.model.megatron.pipeline) needs of the rest of the config."""

@@ -4,6 +4,7 @@ is exact)."""
 from __future__ import annotations
 
 import math
+import random
 
 from .config import DataConfig, LoopSchedule, OptimConfig
 
@@ -40,6 +41,25 @@ def piecewise(step: int, table: tuple[tuple[int, float], ...]) -> float:
 
 def recurrent_steps_at(step: int, loop: LoopSchedule) -> int:
     return int(piecewise(step, loop.recurrent_steps))
+
+
+def drawn_recurrent_steps(step: int, low: int, high: int, seed: int) -> int:
+    """loop.random_steps: optimizer step `step`'s T, uniform on low..high inclusive, from a generator seeded by
+    (seed, step) alone. Both trainers draw the same T for the same seed; a resumed run redraws the same T; and
+    the draw does not consume the run's data generator, so the batches are those of a fixed-T run."""
+    return random.Random(f"looplm.random_steps:{seed}:{step}").randint(low, high)
+
+
+def training_steps_at(step: int, loop: LoopSchedule, seed: int) -> int:
+    """The T a training step runs: drawn from loop.random_steps when set, else loop.recurrent_steps."""
+    if loop.random_steps is not None:
+        return drawn_recurrent_steps(step, *loop.random_steps, seed)
+    return recurrent_steps_at(step, loop)
+
+
+def probe_seed_at(step: int, seed: int, rank: int = 0) -> int:
+    """The seed of the contraction probe of `step` on data-parallel rank `rank` (micro-batch m adds m)."""
+    return random.Random(f"looplm.contraction_probe:{seed}:{step}:{rank}").getrandbits(40)
 
 
 def beta_at(step: int, loop: LoopSchedule) -> float:

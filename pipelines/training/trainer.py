@@ -35,7 +35,7 @@ from . import checkpoints
 from . import optimizer as optim_lib
 from .config import PretrainConfig
 from .data import micro_batch, prepare_data
-from .schedules import beta_at, global_batch_sizes, lr_at, recurrent_steps_at
+from .schedules import beta_at, global_batch_sizes, lr_at, probe_seed_at, recurrent_steps_at, training_steps_at
 from .step import forward_backward, step_figures
 
 Callback = Callable[[dict[str, Any]], None]
@@ -113,7 +113,7 @@ def train_on_rank(
     model.train()
     for step in range(start, config.train.steps):
         lr = lr_at(step, config.optim, config.train.steps)
-        steps_t, beta = recurrent_steps_at(step, config.loop), beta_at(step, config.loop)
+        steps_t, beta = training_steps_at(step, config.loop, config.train.seed), beta_at(step, config.loop)
         ddp.zero_grad_buffer()
         optimizer.zero_grad(set_to_none=True)
         batches = [
@@ -121,7 +121,16 @@ def train_on_rank(
             for micro in range(batch_sizes[step] // per_micro)
         ]
         batches = [(ids.to(device), labels.to(device)) for ids, labels in batches]
-        figures = forward_backward(ddp, batches, objective=config.train.objective, num_steps=steps_t, beta=beta)
+        figures = forward_backward(
+            ddp,
+            batches,
+            objective=config.train.objective,
+            num_steps=steps_t,
+            beta=beta,
+            contraction_penalty=config.loop.contraction_penalty,
+            kv_consistency=config.loop.kv_consistency,
+            probe_seed=probe_seed_at(step, config.train.seed, dp_rank),
+        )
         figures = step_figures(figures, len(batches), steps_t)
         loss = torch.tensor(figures["loss"])
         norm = optim_lib.gradient_norm(optimizer, model)
@@ -161,6 +170,7 @@ def train_on_rank(
                     "model_tflops_per_s": tokens_per_s * flops / 1e12,
                     **_per_step("ce_step", figures["ce_per_step"]),
                     **_per_step("exit_prob_step", figures["exit_probs"]),
+                    **_penalty_figures(figures, config),
                 }
             )
             for callback in callbacks:
@@ -200,6 +210,11 @@ def run_info(config: PretrainConfig, model: torch.nn.Module) -> dict[str, Any]:
         "megatron_core": version("megatron-core"),
         "torch": torch.__version__,
     }
+
+
+def _penalty_figures(figures: dict[str, Any], config: PretrainConfig) -> dict[str, float]:
+    """The loop-robust terms that are switched on, as `contraction` and `kv_consistency` (unweighted)."""
+    return {name: figures[name] for name in ("contraction", "kv_consistency") if config.loop.penalties_on(name)}
 
 
 def _per_step(prefix: str, values: list[float]) -> dict[str, float]:

@@ -302,11 +302,11 @@ def activation_bytes(rank: int, world_size: int, modes: list[str], steps: int = 
     return out
 
 
-def pipeline_reference_and_batch(layers: int = 4, batch: int = 8, seq: int = 16):
+def pipeline_reference_and_batch(layers: int = 4, batch: int = 8, seq: int = 16, reinject: bool = False):
     """The reference with `layers` layers (PP=4 needs 4) and a batch of `batch` sequences."""
     from looplm.model import LoopLM, LoopLMConfig
 
-    config = LoopLMConfig.preset("tiny", num_hidden_layers=layers)
+    config = LoopLMConfig.preset("tiny", num_hidden_layers=layers, reinject_embedding=reinject)
     torch.manual_seed(3)
     reference = LoopLM(config)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -316,7 +316,13 @@ def pipeline_reference_and_batch(layers: int = 4, batch: int = 8, seq: int = 16)
 
 
 def pipeline_parity(
-    rank: int, world_size: int, cases: list[tuple[int, int, bool]], root: str, steps: int = 4, micro_batch: int = 1
+    rank: int,
+    world_size: int,
+    cases: list[tuple[int, int, bool]],
+    root: str,
+    steps: int = 4,
+    micro_batch: int = 1,
+    reinject: bool = False,
 ) -> dict:
     """For each (tensor_parallel, pipeline_parallel, sequence_parallel) case (DP = the rest of the world), one
     Stage I forward/backward of the batch through the trainer's schedule step (pipelines.training.step) against
@@ -338,7 +344,7 @@ def pipeline_parity(
 
     results = {}
     for tp, pp, sp in cases:
-        config, reference, ids, labels = pipeline_reference_and_batch()
+        config, reference, ids, labels = pipeline_reference_and_batch(reinject=reinject)
         ref_out = stage1_loss(reference, ids, labels, beta=BETA, num_steps=steps)
         ref_out.loss.backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
@@ -383,7 +389,9 @@ def naive_per_stage_loop_loss(reference, ids, labels, stages: int, steps: int) -
     from looplm.model.objectives import stage1_loss
 
     class NaivePipelineLoop(LoopLM):
-        def forward(self, input_ids, num_steps=None, *, attention_mask=None, return_logits=True, return_kv=False):
+        def forward(
+            self, input_ids, num_steps=None, *, attention_mask=None, return_logits=True, return_kv=False, probe=None
+        ):
             h = self.model.embed_tokens(input_ids)
             positions, mask = positions_and_mask(attention_mask, *input_ids.shape, input_ids.device)
             cos, sin = self.rope(positions, h.dtype)
@@ -456,3 +464,133 @@ def pipeline_training(rank: int, world_size: int, root: str, configs: dict, cras
     checkpointing.load_model(pp2, Path(root) / "model-pp1")
     out["pp1_to_pp2_exact"] = all(torch.equal(full(pp2)[n], reference[n]) for n in reference)
     return out
+
+
+# Loop-robust options (looplm.model.objectives): reinject_embedding, the contraction and KV consistency terms.
+LOOP_ROBUST_OPTIONS = {
+    "reinject": {"reinject": True},
+    "contraction": {"contraction_penalty": 0.7},
+    "kv_consistency": {"kv_consistency": 2.0},
+    "all": {"reinject": True, "contraction_penalty": 0.7, "kv_consistency": 2.0},
+    # loop-level recompute reruns the pass (and the probed pass) in backward
+    "contraction_recompute_loop": {"reinject": True, "contraction_penalty": 0.7, "recompute": "loop"},
+}
+
+
+def loop_robust_parity(
+    rank: int, world_size: int, cases: list[tuple[int, bool, str]], root: str, steps: int = STEPS
+) -> dict:
+    """For each (tensor_parallel, sequence_parallel, option) case (DP = the rest of the world), one Stage I
+    forward/backward of the reference and of the Megatron model loading the reference's Ouro HF checkpoint: the
+    loss, each loop-robust term, per-step CE and every gradient. The reference is built with the option's
+    reinject_embedding, so its checkpoint's config.json carries it into the Megatron model's build."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    from looplm.model.megatron.checkpointing import import_hf
+    from looplm.model.megatron.config import ParallelConfig
+    from looplm.model.megatron.convert import gather_tensor_parallel, local_state, megatron_to_hf
+    from looplm.model.megatron.distributed import initialize_model_parallel, wrap_data_parallel
+    from looplm.model.megatron.model import MegatronLoopLM
+    from looplm.model.objectives import stage1_loss
+
+    results = {}
+    for tp, sp, option in cases:
+        settings = dict(LOOP_ROBUST_OPTIONS[option])
+        reinject = settings.pop("reinject", False)
+        recompute = settings.pop("recompute", "none")
+        settings["probe_seed"] = 1234
+        base, reference, ids, labels = reference_and_batch()
+        config = dataclasses.replace(base, reinject_embedding=reinject)
+        reference.config = config  # same weights, the option's loop
+        ref_out = stage1_loss(reference, ids, labels, beta=BETA, num_steps=steps, **settings)
+        ref_out.loss.backward()
+        ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+        checkpoint = reference.save_pretrained(f"{root}/reference-{option}-rank{rank}", overwrite=True)
+        parallel = ParallelConfig(tensor_parallel=tp, sequence_parallel=sp, recompute=recompute)
+        initialize_model_parallel(parallel, seed=7)
+        model = MegatronLoopLM(config, parallel, seed=7)
+        import_hf(model, checkpoint)
+        ddp = wrap_data_parallel(model)
+        if parallel_state.get_data_parallel_world_size() != 1:
+            raise ValueError("loop_robust_parity compares whole batches: run it with DP = 1")
+        ddp.zero_grad_buffer()
+        out = ddp(ids, labels, objective="stage1", num_steps=steps, beta=BETA, **settings)
+        out.loss.backward()
+        finalize_model_grads([ddp])
+        grads = megatron_to_hf(gather_tensor_parallel(local_state(model, grads=True)), config)
+        errors = relative_errors(grads, ref_grads)
+        terms = {}
+        for name in ("contraction", "kv_consistency"):
+            mine, theirs = getattr(out, name), getattr(ref_out, name)
+            terms[name] = (None if mine is None else mine.item(), None if theirs is None else theirs.item())
+        results[(tp, sp, option)] = {
+            "loss": out.loss.item(),
+            "ref_loss": ref_out.loss.item(),
+            "terms": terms,
+            "max_grad_rel_err": max(errors.values()),
+            "worst": max(errors, key=errors.get),
+            "ce_per_step": out.ce_per_step.tolist(),
+            "ref_ce_per_step": ref_out.ce_per_step.tolist(),
+        }
+        dist.barrier()
+    return results
+
+
+def reinject_round_trip(rank: int, world_size: int, root: str) -> dict:
+    """A re-injecting Megatron model: export to Ouro HF, load as the reference LoopLM (config and tensors); and
+    importing that checkpoint into a model built without re-injection is an error, not a silent change."""
+    import dataclasses
+
+    from looplm.model import LoopLM
+    from looplm.model.config import ConfigError
+    from looplm.model.megatron.checkpointing import export_hf, import_hf
+    from looplm.model.megatron.config import ParallelConfig
+    from looplm.model.megatron.convert import gather_tensor_parallel, local_state, megatron_to_hf
+    from looplm.model.megatron.distributed import initialize_model_parallel
+    from looplm.model.megatron.model import MegatronLoopLM
+    from looplm.model.objectives import stage1_loss
+
+    base, _, ids, labels = reference_and_batch()
+    config = dataclasses.replace(base, reinject_embedding=True)
+    parallel = ParallelConfig()
+    initialize_model_parallel(parallel, seed=5)
+    model = MegatronLoopLM(config, parallel, seed=5)
+    with torch.no_grad():
+        loss = model(ids, labels, num_steps=STEPS, beta=BETA).loss.item()
+    path = export_hf(model, config, f"{root}/reinject-hf")
+    loaded = LoopLM.from_pretrained(path)
+    state = megatron_to_hf(gather_tensor_parallel(local_state(model)), config)
+    with torch.no_grad():
+        ref_loss = stage1_loss(loaded, ids, labels, beta=BETA, num_steps=STEPS).loss.item()
+    plain = MegatronLoopLM(base, parallel, seed=5)
+    try:
+        import_hf(plain, path)
+        error = "no error"
+    except ConfigError as err:
+        error = str(err)
+    return {
+        "config": loaded.config,
+        "tensors_equal": all(torch.equal(loaded.state_dict()[n], state[n]) for n in state),
+        "loss": loss,
+        "ref_loss": ref_loss,
+        "mismatch_error": error,
+    }
+
+
+def loop_robust_single_process(rank: int, world_size: int, root: str, options: list[str], config) -> dict:
+    """loop_robust_parity at TP=1 for each option, then reinject_round_trip, then a Megatron trainer run of
+    `config` (its records and the config.json of its HF export), in one process start-up."""
+    import json
+    from pathlib import Path
+
+    from looplm.pipelines.training.trainer import train_on_rank
+
+    parity_results = loop_robust_parity(rank, world_size, [(1, False, o) for o in options], root)
+    round_trip = reinject_round_trip(rank, world_size, root)
+    records = train_on_rank(config, Path(root) / "trained")
+    exported = json.loads((Path(root) / "trained" / "hf" / "config.json").read_text())
+    return {"parity": parity_results, "round_trip": round_trip, "records": records, "exported": exported}
