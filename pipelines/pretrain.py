@@ -7,7 +7,10 @@ applies megatron's CPU patches where it starts (`cpu_shim.apply`, a no-op with C
 `training.trainer.train_on_rank`, which resumes from `<output>/checkpoints/latest` when it exists, so the
 FailureConfig's restarts, and a rerun of the same command, continue from the last complete checkpoint. Restarts
 are counted from what Ray Train reports: a controller callback records every worker-group failure to
-`<output>/worker_failures.jsonl`.
+`<output>/worker_failures.jsonl`. Before the workers start, the driver checks the checkpoint they will resume
+from (`checkpoints.resume_point`): a damaged latest one falls back to the previous readable one, and none readable
+stops the launch (a CheckpointError, not a retry). On one node the process group listens on loopback only
+(`training.process_group`).
 Workers report to Ray Train once per log interval (per-step reports are throttled to one per ~2 s); rank 0
 also appends each record to `<output>/metrics.jsonl`. Metrics reach MLflow once per job, from the driver after
 the job, never from a rank.
@@ -172,12 +175,13 @@ def launch(
     worker_callbacks run inside every worker with each record (train_on_rank's callbacks; they must pickle).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from looplm.infra.ray_cluster import ray_session
 
     from .training import checkpoints
     from .training.data import copy_tokenizer, with_manifest
+    from .training.process_group import ProcessGroupConfig
     from .training.trainer import HF_EXPORT
 
     config = with_manifest(config)  # a curated manifest's EOD and token ids, and its vocabulary checked
@@ -185,9 +189,13 @@ def launch(
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
     on_gpu = torch.cuda.is_available()
+    interface = config.launch.network_interface
     workers = config.world_size  # tensor_parallel x pipeline_parallel x data_parallel
     failures = output / FAILURES_FILE
     failures_before = _count_lines(failures)
+    # Which checkpoint to resume from is settled here, once, before any worker starts: a damaged latest one
+    # falls back to the previous readable one (said), and none readable is an error no restart could heal.
+    checkpoints.resume_point(output / "checkpoints", say=lambda line: print(line, file=sys.stderr, flush=True))
     # Ray Train drains worker reports every 2 s by default, which throttles even per-interval reports on short
     # CPU runs (ray-mlflow-notes.md §4); 0.2 s costs nothing measurable.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -203,7 +211,7 @@ def launch(
                 "output": str(output),
                 "callbacks": list(worker_callbacks),
             },
-            torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+            torch_config=ProcessGroupConfig(backend="nccl" if on_gpu else "gloo", network_interface=interface),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=on_gpu, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(
                 name=config.name,
