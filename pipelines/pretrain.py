@@ -203,7 +203,12 @@ def launch(
     local_cpus = None if (ray_address or os.environ.get("RAY_ADDRESS")) else max(2, workers)
     # A local Ray includes its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner asks the State API,
     # which the dashboard serves, whether the controller lives; without it, it warns every second and cleans nothing.
-    with ray_session(ray_address, num_cpus=local_cpus, include_dashboard=True, runtime_env={"env_vars": env}):
+    runtime_env = {
+        "env_vars": env,
+        # In every process of the job (the Train controller's included): a harmless timeout's traceback is dropped.
+        "worker_process_setup_hook": "looplm.pipelines.training.ray_logging.quiet_ray_train_start",
+    }
+    with ray_session(ray_address, num_cpus=local_cpus, include_dashboard=True, runtime_env=runtime_env):
         trainer = TorchTrainer(
             _worker,
             train_loop_config={
