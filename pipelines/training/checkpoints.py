@@ -237,36 +237,43 @@ def problem(folder: str | Path) -> str | None:
 
 
 def resume_point(root: str | Path, say=print) -> Path | None:
-    """The checkpoint a launch resumes from: `latest` when it reads, else the newest older one that does (the
-    unreadable ones are renamed `step_<n>.unreadable` and `latest` moves; each is said). None without any
-    checkpoint; CheckpointError when there are checkpoints but none reads. Not a collective: the driver runs it
-    before the workers start."""
+    """The checkpoint a launch resumes from: the one `latest` names when it reads, else the newest older one that
+    does (`latest` moves to it, the unreadable ones are renamed `step_<n>.unreadable`; each is said). When `latest`
+    names a folder that is not there, the newest readable step folder. None without any checkpoint; CheckpointError
+    when there are checkpoints but none reads (nothing is moved then). Not a collective: the driver runs it before
+    the workers start."""
     root = Path(root)
-    newest = latest(root)
-    if newest is None:
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    folders = _step_folders(root)
+    if named is not None and named.is_dir():
+        candidates = [named, *reversed([p for p in folders if p.name < named.name])]
+    else:
+        if named is not None:
+            say(f"{pointer} names {named.name}, which is not there")
+        candidates = list(reversed(folders))
+    if not candidates:
         return None
-    candidates = [newest, *reversed([p for p in _step_folders(root) if p.name < newest.name])]
     unreadable: list[tuple[Path, str]] = []
     for folder in candidates:
-        if not (folder / "trainer.json").is_file():
-            continue
         found = problem(folder)
         if found is None:
             break
         unreadable.append((folder, found))
-    else:  # nothing is set aside: the folder stays as it was for a person to inspect
+    else:  # nothing is set aside: the folders stay as they are for a person to inspect
         raise CheckpointError(
             f"no readable checkpoint in {root}: "
             + "; ".join(found for _, found in unreadable)
             + ". Remove the folder (or choose another --output) to train from scratch"
         )
+    if folder != named:  # first: a crash from here on leaves `latest` naming a readable checkpoint
+        atomic_write_text(pointer, folder.name + "\n")
     for damaged, found in unreadable:
         aside = damaged.with_name(damaged.name + UNREADABLE)
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(damaged, aside)
         say(f"checkpoint {damaged} cannot be loaded ({found}); set aside as {aside.name}")
-    if folder != newest:
-        atomic_write_text(root / LATEST, folder.name + "\n")
+    if folder != named:
         say(f"falling back to the previous complete checkpoint {folder}")
     return folder
 

@@ -131,6 +131,17 @@ def test_a_truncated_file_of_the_latest_checkpoint_is_named_and_the_previous_one
 
 
 @pytest.mark.slow
+def test_latest_naming_a_folder_that_is_gone_resumes_from_the_newest_readable_one(first_run, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(first_run.pristine, root)
+    shutil.rmtree(root / "step_00000006")
+    said: list[str] = []
+    assert checkpoints.resume_point(root, say=said.append) == root / "step_00000003"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    assert "names step_00000006, which is not there" in said[0] and "step_00000003" in said[-1]
+
+
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_an_error_that_names_each_file_and_moves_nothing(first_run, tmp_path):
     root = tmp_path / "checkpoints"
     shutil.copytree(first_run.pristine, root)
