@@ -178,8 +178,10 @@ def launch(
     from ray.train.torch import TorchTrainer
 
     from looplm.infra.ray_cluster import ray_session
+    from looplm.model.config import ConfigError
 
     from .training import checkpoints
+    from .training import optimizer as optim_lib
     from .training.data import copy_tokenizer, with_manifest
     from .training.process_group import ProcessGroupConfig
     from .training.trainer import HF_EXPORT
@@ -195,7 +197,14 @@ def launch(
     failures_before = _count_lines(failures)
     # Which checkpoint to resume from is settled here, once, before any worker starts: a damaged latest one
     # falls back to the previous readable one (said), and none readable is an error no restart could heal.
-    checkpoints.resume_point(output / "checkpoints", say=lambda line: print(line, file=sys.stderr, flush=True))
+    resume = checkpoints.resume_point(output / "checkpoints", say=lambda line: print(line, file=sys.stderr, flush=True))
+    if resume is not None:  # another optimizer's state cannot load: a config error, refused before Ray starts
+        saved_with = json.loads((resume / "trainer.json").read_text()).get("optimizer", "torch-adamw")
+        if saved_with != optim_lib.describe(config):
+            raise ConfigError(
+                f"{resume} holds {saved_with} optimizer state but this run steps with {optim_lib.describe(config)}; "
+                "resume with the same optim.implementation / optim.distributed, or start a new output folder"
+            )
     # Ray Train drains worker reports every 2 s by default, which throttles even per-interval reports on short
     # CPU runs (ray-mlflow-notes.md §4); 0.2 s costs nothing measurable.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

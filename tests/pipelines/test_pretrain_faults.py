@@ -32,6 +32,7 @@ from looplm.infra.mlflow_server import MlflowServer, MlflowServerConfig
 from looplm.infra.ray_cluster import ray_session
 from looplm.infra.spill import main as spill_main
 from looplm.model.checkpoint import CheckpointError
+from looplm.model.config import ConfigError
 from looplm.pipelines.pretrain import launch
 from looplm.pipelines.training import checkpoints
 from looplm.pipelines.training.config import PretrainConfig
@@ -139,6 +140,17 @@ def test_latest_naming_a_folder_that_is_gone_resumes_from_the_newest_readable_on
     assert checkpoints.resume_point(root, say=said.append) == root / "step_00000003"
     assert (root / "latest").read_text().strip() == "step_00000003"
     assert "names step_00000006, which is not there" in said[0] and "step_00000003" in said[-1]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_optimizer_is_a_config_error_before_ray_starts(first_run, tmp_path):
+    import ray
+
+    shutil.copytree(first_run.pristine, tmp_path / "run" / "checkpoints")
+    config = load_config(PretrainConfig, TINY, [*OVERRIDES, "train.steps=8", "optim.implementation=megatron"])
+    with pytest.raises(ConfigError, match="holds torch-adamw optimizer state but this run steps with megatron"):
+        launch(config, tmp_path / "run")  # it was a worker error, which Ray Train retried
+    assert not ray.is_initialized()
 
 
 @pytest.mark.slow
