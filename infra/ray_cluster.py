@@ -14,6 +14,7 @@ address="local". Only what this module started is shut down, and never with `ray
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,11 +70,26 @@ def connect(
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         started = False
     else:
+        dashboard_port = None
+        if include_dashboard:
+            # Ray Train's placement-group cleaner (a detached actor) finds the State API through RAY_API_SERVER_ADDRESS
+            # or, without it, by looking for Ray on this host: with two local Rays (two jobs, parallel tests) that
+            # fails ("Found multiple active Ray instances"), its monitor thread dies with a traceback in a run
+            # that succeeds, and it cleans nothing up. So the dashboard gets a known port, named to our processes.
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                dashboard_port = probe.getsockname()[1]
+            runtime_env = dict(runtime_env or {})
+            runtime_env["env_vars"] = {
+                **runtime_env.get("env_vars", {}),
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+            }
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=include_dashboard,
             dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
             object_store_memory=object_store_memory,
             runtime_env=runtime_env,
             logging_level="WARNING",

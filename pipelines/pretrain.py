@@ -7,7 +7,10 @@ applies megatron's CPU patches where it starts (`cpu_shim.apply`, a no-op with C
 `training.trainer.train_on_rank`, which resumes from `<output>/checkpoints/latest` when it exists, so the
 FailureConfig's restarts, and a rerun of the same command, continue from the last complete checkpoint. Restarts
 are counted from what Ray Train reports: a controller callback records every worker-group failure to
-`<output>/worker_failures.jsonl`.
+`<output>/worker_failures.jsonl`. Before the workers start, the driver checks the checkpoint they will resume
+from (`checkpoints.resume_point`): a damaged latest one falls back to the previous readable one, and none readable
+stops the launch (a CheckpointError, not a retry). On one node the process group listens on loopback only
+(`training.process_group`).
 Workers report to Ray Train once per log interval (per-step reports are throttled to one per ~2 s); rank 0
 also appends each record to `<output>/metrics.jsonl`. Metrics reach MLflow once per job, from the driver after
 the job, never from a rank.
@@ -172,12 +175,15 @@ def launch(
     worker_callbacks run inside every worker with each record (train_on_rank's callbacks; they must pickle).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from looplm.infra.ray_cluster import ray_session
+    from looplm.model.config import ConfigError
 
     from .training import checkpoints
+    from .training import optimizer as optim_lib
     from .training.data import copy_tokenizer, with_manifest
+    from .training.process_group import ProcessGroupConfig
     from .training.trainer import HF_EXPORT
 
     config = with_manifest(config)  # a curated manifest's EOD and token ids, and its vocabulary checked
@@ -185,9 +191,20 @@ def launch(
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
     on_gpu = torch.cuda.is_available()
+    interface = config.launch.network_interface
     workers = config.world_size  # tensor_parallel x pipeline_parallel x data_parallel
     failures = output / FAILURES_FILE
     failures_before = _count_lines(failures)
+    # Which checkpoint to resume from is settled here, once, before any worker starts: a damaged latest one
+    # falls back to the previous readable one (said), and none readable is an error no restart could heal.
+    resume = checkpoints.resume_point(output / "checkpoints", say=lambda line: print(line, file=sys.stderr, flush=True))
+    if resume is not None:  # another optimizer's state cannot load: a config error, refused before Ray starts
+        saved_with = json.loads((resume / "trainer.json").read_text()).get("optimizer", "torch-adamw")
+        if saved_with != optim_lib.describe(config):
+            raise ConfigError(
+                f"{resume} holds {saved_with} optimizer state but this run steps with {optim_lib.describe(config)}; "
+                "resume with the same optim.implementation / optim.distributed, or start a new output folder"
+            )
     # Ray Train drains worker reports every 2 s by default, which throttles even per-interval reports on short
     # CPU runs (ray-mlflow-notes.md §4); 0.2 s costs nothing measurable.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -195,7 +212,12 @@ def launch(
     local_cpus = None if (ray_address or os.environ.get("RAY_ADDRESS")) else max(2, workers)
     # A local Ray includes its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner asks the State API,
     # which the dashboard serves, whether the controller lives; without it, it warns every second and cleans nothing.
-    with ray_session(ray_address, num_cpus=local_cpus, include_dashboard=True, runtime_env={"env_vars": env}):
+    runtime_env = {
+        "env_vars": env,
+        # In every process of the job (the Train controller's included): a harmless timeout's traceback is dropped.
+        "worker_process_setup_hook": "looplm.pipelines.training.ray_logging.quiet_ray_train_start",
+    }
+    with ray_session(ray_address, num_cpus=local_cpus, include_dashboard=True, runtime_env=runtime_env):
         trainer = TorchTrainer(
             _worker,
             train_loop_config={
@@ -203,7 +225,7 @@ def launch(
                 "output": str(output),
                 "callbacks": list(worker_callbacks),
             },
-            torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+            torch_config=ProcessGroupConfig(backend="nccl" if on_gpu else "gloo", network_interface=interface),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=on_gpu, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(
                 name=config.name,

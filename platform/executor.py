@@ -370,6 +370,20 @@ class LockSettings:
     wait_s: float = 24 * 3600.0  # how long to wait for a live holder before giving up
 
 
+def _gone(holder: dict[str, Any]) -> bool:
+    """Whether a lock holder on this host no longer runs (its pid is gone). Other hosts: only the heartbeat says."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: does the process exist?
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
 class StepLock:
     """`_LOCK` in the output folder: {owner, host, pid, heartbeat}; refreshed by a thread while held."""
 
@@ -402,8 +416,9 @@ class StepLock:
             if holder is None:
                 continue  # released between our attempt and the read
             age = time.time() - float(holder.get("heartbeat", 0.0))
-            if age > self.settings.expiry_s:
-                # The holder stopped beating (a killed driver): take the lock over, then check we won.
+            if age > self.settings.expiry_s or _gone(holder):
+                # The holder stopped beating (a killed driver), or its process on this host is gone (kill -9: no
+                # need to wait out the heartbeat): take the lock over, then check we won.
                 self.storage.delete(self.path)
                 continue
             if time.monotonic() > deadline:

@@ -15,6 +15,13 @@ It is written into `step_<n>.tmp/` and renamed into place only when every rank h
 (a one-line file, replaced atomically) is updated after the rename, so a crash at any point leaves `latest`
 naming a complete checkpoint.
 
+A checkpoint can still be damaged after the fact (a full disk, a copy cut short, a bad sector). `resume_point`,
+run by the launching driver before any worker starts, reads every file's header and checks each `.distcp` file
+against the sizes the checkpoint's own index (`state/.metadata`) records; an unreadable latest checkpoint is set
+aside as `step_<n>.unreadable`, `latest` moves to the newest readable one, and the driver says so. Deciding once,
+in the driver, makes every rank resume from the same step, and an error that no restart can heal (no readable
+checkpoint at all) stops the launch instead of spending the FailureConfig's retries.
+
 The model-only save/load and the Ouro HF export live with the model (`looplm.model.megatron.checkpointing`).
 All functions here are collectives over the default process group unless they say otherwise.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from itertools import chain
 from pathlib import Path
@@ -35,9 +43,12 @@ from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_p
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from looplm.model.atomic import atomic_write_text
+from looplm.model.checkpoint import CheckpointError
 from looplm.model.megatron.checkpointing import barrier, load_model, rank, save_sharded
 
 LATEST = "latest"
+STEP_FOLDER = re.compile(r"step_\d{8}")  # a complete checkpoint's folder name (not .tmp, not .unreadable)
+UNREADABLE = ".unreadable"  # the suffix of a checkpoint set aside by resume_point
 
 
 def _initialise_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -169,11 +180,15 @@ def save(
         os.replace(staging, final)
         atomic_write_text(root / LATEST, final.name + "\n")
         if keep is not None:
-            complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in complete[:-keep]:
+            for old in _step_folders(root)[:-keep]:
                 shutil.rmtree(old)
     barrier()
     return final
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """The renamed-into-place checkpoint folders under root, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and STEP_FOLDER.fullmatch(p.name))
 
 
 def latest(root: str | Path) -> Path | None:
@@ -183,6 +198,84 @@ def latest(root: str | Path) -> Path | None:
         return None
     folder = Path(root) / pointer.read_text().strip()
     return folder if (folder / "trainer.json").is_file() else None
+
+
+def problem(folder: str | Path) -> str | None:
+    """Why `folder` cannot be loaded, naming the file, or None when every file reads (not a collective).
+
+    Reads trainer.json, every rank's RNG file, the dist_checkpointing metadata and common state, and the index
+    of the tensor files; each `.distcp` file must hold the bytes the index places in it (a truncated file does
+    not). Tensor bytes themselves are not read: a checkpoint of a large model stays cheap to check.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = Path(folder)
+    current = folder / "trainer.json"
+    try:
+        record = json.loads(current.read_text())
+        ranks = record["layout"]["world_size"]
+        for r in range(ranks):
+            current = folder / f"rank_{r}.pt"
+            torch.load(current, weights_only=False)["rng"]
+        current = folder / "state" / "metadata.json"
+        json.loads(current.read_text())
+        current = folder / "state" / "common.pt"
+        torch.load(current, weights_only=False)
+        current = folder / "state" / ".metadata"
+        index = FileSystemReader(str(folder / "state")).read_metadata()
+        needed: dict[str, int] = {}
+        for item in index.storage_data.values():
+            needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+        for name, size in sorted(needed.items()):
+            current = folder / "state" / name
+            if current.stat().st_size < size:
+                return f"{current}: {current.stat().st_size} bytes, its index needs at least {size} (truncated)"
+    except Exception as err:  # whatever a damaged file raises (EOFError, UnpicklingError, JSONDecodeError, ...)
+        reason = str(err).strip().split("\n")[0].split(". ")[0]  # torch's zip errors run on for 5 sentences
+        return f"{current}: {type(err).__name__}: {reason}"
+    return None
+
+
+def resume_point(root: str | Path, say=print) -> Path | None:
+    """The checkpoint a launch resumes from: the one `latest` names when it reads, else the newest older one that
+    does (`latest` moves to it, the unreadable ones are renamed `step_<n>.unreadable`; each is said). When `latest`
+    names a folder that is not there, the newest readable step folder. None without any checkpoint; CheckpointError
+    when there are checkpoints but none reads (nothing is moved then). Not a collective: the driver runs it before
+    the workers start."""
+    root = Path(root)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    folders = _step_folders(root)
+    if named is not None and named.is_dir():
+        candidates = [named, *reversed([p for p in folders if p.name < named.name])]
+    else:
+        if named is not None:
+            say(f"{pointer} names {named.name}, which is not there")
+        candidates = list(reversed(folders))
+    if not candidates:
+        return None
+    unreadable: list[tuple[Path, str]] = []
+    for folder in candidates:
+        found = problem(folder)
+        if found is None:
+            break
+        unreadable.append((folder, found))
+    else:  # nothing is set aside: the folders stay as they are for a person to inspect
+        raise CheckpointError(
+            f"no readable checkpoint in {root}: "
+            + "; ".join(found for _, found in unreadable)
+            + ". Remove the folder (or choose another --output) to train from scratch"
+        )
+    if folder != named:  # first: a crash from here on leaves `latest` naming a readable checkpoint
+        atomic_write_text(pointer, folder.name + "\n")
+    for damaged, found in unreadable:
+        aside = damaged.with_name(damaged.name + UNREADABLE)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(damaged, aside)
+        say(f"checkpoint {damaged} cannot be loaded ({found}); set aside as {aside.name}")
+    if folder != named:
+        say(f"falling back to the previous complete checkpoint {folder}")
+    return folder
 
 
 def load(folder: str | Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
@@ -200,9 +293,17 @@ def load(folder: str | Path, model: torch.nn.Module, optimizer: Any | None) -> d
         "model": model_sharded,
         "optimizer": _optimizer_sharded(optimizer, model_sharded, is_loading=True),
     }
-    state = dist_checkpointing.load(sharded, str(folder / "state"))
+    try:
+        state = dist_checkpointing.load(sharded, str(folder / "state"))
+    except Exception as err:  # dist_checkpointing's errors name no file: name the checkpoint at least
+        raise CheckpointError(f"checkpoint {folder}: {folder / 'state'} cannot be loaded: {err}") from err
     model.load_state_dict(state["model"], strict=True)
     _load_optimizer_state(optimizer, state["optimizer"])
     if record["layout"] == _layout():
-        set_rng_state(torch.load(folder / f"rank_{rank()}.pt", weights_only=False)["rng"])
+        rng_file = folder / f"rank_{rank()}.pt"
+        try:
+            rng = torch.load(rng_file, weights_only=False)["rng"]
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {folder}: {rng_file} cannot be loaded: {err}") from err
+        set_rng_state(rng)
     return record

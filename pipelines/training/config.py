@@ -179,6 +179,10 @@ class LaunchConfig:
     data_parallel: int = 1  # Ray Train workers = tensor_parallel x pipeline_parallel x data_parallel
     max_failures: int = 1  # FailureConfig: restarts of the worker group, each resuming from the latest checkpoint
     report_interval: int = 0  # steps between ray.train.report calls; 0: the log interval
+    # The network interface (e.g. "eth0") gloo / NCCL bind on a multi-node job (GLOO_SOCKET_IFNAME,
+    # NCCL_SOCKET_IFNAME). null: a job whose workers share one node uses loopback and a file rendezvous (no
+    # TCP beyond 127.0.0.1); a multi-node job, the libraries' own choice.
+    network_interface: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -178,6 +180,21 @@ def test_a_dead_drivers_lock_expires_and_a_live_one_blocks(tmp_path):
     assert status_rows(steps, tmp_path)[0][1].startswith(f"running by {lock.owner}")
     lock.release()
     assert not Path(folder, LOCK_FILE).exists() and status_rows(steps, tmp_path)[0][1] == "not run"
+
+
+def test_the_lock_of_a_killed_process_on_this_host_is_taken_over_at_once(tmp_path):
+    storage = Storage.at(tmp_path)
+    folder = plan([Step("step", write_numbers, CountConfig())], storage)[0].folder
+    Path(folder).mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    holder = {"owner": "x", "host": socket.gethostname(), "pid": killed.pid, "heartbeat": time.time()}
+    Path(folder, LOCK_FILE).write_text(json.dumps(holder))  # a fresh heartbeat: kill -9 right after a beat
+    lock = StepLock(storage, folder, LockSettings(heartbeat_s=0.2, expiry_s=60, wait_s=1))
+    lock.acquire()  # without waiting out expiry_s
+    assert json.loads(Path(folder, LOCK_FILE).read_text())["owner"] == lock.owner
+    lock.release()
 
 
 def test_a_root_on_a_pyarrow_filesystem(tmp_path, step_cache):
