@@ -42,6 +42,8 @@ def test_a_field_the_model_or_trainer_does_not_know_is_an_error_naming_it():
         load_experiment(MULTIHOP, ["steps.train.config.models.iso_flop.model.num_layerz=8"], quick=True)
     with pytest.raises(ConfigFileError, match=r"seed is set by the study"):
         load_experiment(MULTIHOP, ["steps.train.config.training.seed=3"], quick=True)
+    with pytest.raises(ConfigFileError, match=r"--quick needs a `quick:` list"):
+        load_experiment(REPO / "configs" / "demo.yaml", quick=True)
 
 
 def test_the_matrix_is_one_cached_step_per_model_and_seed(tmp_path):
