@@ -162,13 +162,16 @@ def plot_compute_quality(models: dict[str, dict[str, Any]]):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, entry in models.items():
         flops = [f / 1e6 for f in entry["flops_by_pass"]]
-        ax.plot(flops, entry["exact_match"]["mean"], "o-", label=f"{name} ({_shape(entry)})")
+        (line,) = ax.plot(flops, entry["exact_match"]["mean"], "o-", label=f"{name} ({_shape(entry)})")
+        trained = entry["total_ut_steps"]
+        ax.plot([flops[trained - 1]], [entry["exact_match"]["mean"][trained - 1]], "*", markersize=14,
+                color=line.get_color())  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("forward MFLOPs per token (passes x layers)")
     ax.set_ylabel("held-out exact match")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Compute against quality: every model at 1..max passes")
+    ax.set_title("Compute against quality: every model at 1..max passes (★ = trained T)")
     fig.tight_layout()
     return fig
 
