@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in WITH_CONFIG:
             command.add_argument("config", help="experiment YAML file")
             command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+        if name in ("run", "status"):
+            command.add_argument("--quick", action="store_true", help="apply the experiment's `quick:` overrides first")
         if name == "run":
             command.add_argument("--dry-run", action="store_true", help="print run/skip per step and why; run nothing")
             command.add_argument(

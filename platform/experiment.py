@@ -15,11 +15,16 @@ YAML, relative to the experiment file) with `config` merged over it. Overrides a
 experiment (`root=/data/runs`, `steps.curate.config.sources.0.count=500`); those under a step's config are
 applied after the merge, with the config's defaults behind them, so a list item the file does not spell out can
 be changed. Every error names the file and the field.
+
+`quick:` (optional) is a list of overrides that `--quick` applies before the command line's: the same
+experiment at test size (configs/studies/*.yaml). A step whose kind expands (a study matrix, steps.py) becomes
+one step per member, `<step>.<member>`; a later step that names it as an input gets every member.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,7 @@ from .executor import LockSettings, PipelineResult, Step, Storage, format_plan, 
 from .steps import KINDS
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-TOP_LEVEL = ("name", "root", "description", "steps")
+TOP_LEVEL = ("name", "root", "description", "steps", "quick")
 STEP_KEYS = ("kind", "inputs", "config", "config_file")
 
 
@@ -41,6 +46,7 @@ class Experiment:
     steps: tuple[Step, ...]  # in file order (each after its inputs)
     source: str  # the file it came from
     data: dict[str, Any]  # the resolved experiment as plain data (logged as the pipeline run's params)
+    groups: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # matrix step -> its members
 
     def step(self, name: str, option: str = "") -> Step:
         """The step called `name`; `option` (--until, --force) says who asked, in the error for a name no step has."""
@@ -51,6 +57,12 @@ class Experiment:
         raise ConfigFileError(
             f"{asked}{self.source} has no step named {name!r}; steps are {', '.join(s.name for s in self.steps)}"
         )
+
+    def named(self, name: str, option: str = "") -> list[Step]:
+        """The step of that name, or every member of the matrix of that name."""
+        if name in self.groups:
+            return [self.step(member) for member in self.groups[name]]
+        return [self.step(name, option)]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -69,9 +81,14 @@ def _defaults(cls: type) -> dict[str, Any] | None:
         return None
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+def load_experiment(path: str | Path, overrides: list[str] | None = None, *, quick: bool = False) -> Experiment:
     path = Path(path)
     overrides = list(overrides or [])
+    if quick:
+        preset = read_yaml_mapping(path, "experiment file").get("quick")
+        if not isinstance(preset, list) or not preset or not all(isinstance(o, str) for o in preset):
+            raise ConfigFileError(f"{path}: --quick needs a `quick:` list of overrides (dotted.key=value) in the file")
+        overrides = [*preset, *overrides]
     step_overrides = [o for o in overrides if o.startswith("steps.") and ".config." in o.partition("=")[0]]
     top_overrides = [o for o in overrides if o not in step_overrides]
     data = apply_overrides(read_yaml_mapping(path, "experiment file"), top_overrides)
@@ -84,6 +101,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     if not isinstance(entries, dict) or not entries:
         raise ConfigFileError(f"{path}: steps must be a mapping of step name -> step")
     steps: dict[str, Step] = {}
+    groups: dict[str, tuple[str, ...]] = {}
     resolved: dict[str, Any] = {}
     for step_name, entry in entries.items():
         where = f"{path}: steps.{step_name}"
@@ -104,8 +122,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
                 raise ConfigFileError(
                     f"{where}.inputs.{role}: a step of kind {kind_name} takes {', '.join(kind.roles) or 'no inputs'}"
                 )
-            if upstream not in steps:
+            if upstream not in steps and upstream not in groups:
                 raise ConfigFileError(f"{where}.inputs.{role}: {upstream!r} is not an earlier step")
+            if upstream in groups and role not in kind.many:
+                raise ConfigFileError(f"{where}.inputs.{role}: {upstream!r} is a matrix of steps; {role} takes one")
         missing = [r for r in kind.required if r not in inputs]
         if missing:
             raise ConfigFileError(f"{where}.inputs: a step of kind {kind_name} needs {', '.join(missing)}")
@@ -118,18 +138,33 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         config_data = kind.fill(apply_overrides(config_data, mine, _defaults(kind.config)), inputs)
         config = build_config(kind.config, config_data, f"{where}.config")
         resolved[step_name] = {"kind": kind_name, "inputs": inputs, "config": to_dict(config)}
-        steps[step_name] = Step(
-            step_name,
-            kind.fn,
-            config,
-            inputs={role: steps[upstream] for role, upstream in inputs.items()},
-            num_cpus=kind.num_cpus,
-            cacheable=kind.cacheable,
-        )
-    stray = [o for o in step_overrides if not any(o.startswith(f"steps.{name}.config.") for name in steps)]
+        upstream_steps: dict[str, Step] = {}
+        for role, upstream in inputs.items():
+            if upstream in groups:
+                upstream_steps.update({f"{role}/{member}": steps[member] for member in groups[upstream]})
+            else:
+                upstream_steps[role] = steps[upstream]
+        members = kind.expand(config, f"{where}.config") if kind.expand is not None else [(None, config)]
+        for suffix, member_config in members:
+            member = step_name if suffix is None else f"{step_name}.{suffix}"
+            if member in steps:
+                raise ConfigFileError(f"{where}: the step name {member!r} is taken")
+            steps[member] = Step(
+                member,
+                kind.fn,
+                member_config,
+                inputs=upstream_steps,
+                num_cpus=kind.num_cpus,
+                cacheable=kind.cacheable,
+            )
+        if kind.expand is not None:
+            groups[step_name] = tuple(f"{step_name}.{suffix}" for suffix, _ in members)
+            resolved[step_name]["members"] = list(groups[step_name])
+    stray = [o for o in step_overrides if not any(o.startswith(f"steps.{name}.config.") for name in entries)]
     if stray:
-        raise ConfigFileError(f"{path}: override(s) {', '.join(stray)} name no step; steps are {', '.join(steps)}")
-    return Experiment(name, root, tuple(steps.values()), str(path), {"name": name, "root": root, "steps": resolved})
+        raise ConfigFileError(f"{path}: override(s) {', '.join(stray)} name no step; steps are {', '.join(entries)}")
+    data = {"name": name, "root": root, "steps": resolved}
+    return Experiment(name, root, tuple(steps.values()), str(path), data, groups)
 
 
 def check_steps(experiment: Experiment, steps: list[Step], force: list[str]) -> None:
@@ -176,8 +211,9 @@ def run_experiment(
 ) -> PipelineResult | None:
     """Run (or with dry_run, only plan) the experiment's steps, all of them or `until` and its upstream."""
     for name in force or []:  # checked before anything runs or any MLflow run exists
-        experiment.step(name, "--force")
-    steps = [experiment.step(until, "--until")] if until else list(experiment.steps)
+        experiment.named(name, "--force")
+    steps = experiment.named(until, "--until") if until else list(experiment.steps)
+    force = [member for name in force or [] for member in experiment.groups.get(name, (name,))]
     if dry_run:
         print(format_plan(plan(steps, Storage.at(experiment.root), force or [])))
         return None
@@ -194,10 +230,10 @@ def run_experiment(
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """`looplm run EXPERIMENT.yaml [k=v ...] [--dry-run] [--force STEP] [--until STEP]`."""
+    """`looplm run EXPERIMENT.yaml [k=v ...] [--quick] [--dry-run] [--force STEP] [--until STEP]`."""
     from looplm.infra.mlflow_server import check_tracking_server
 
-    experiment = load_experiment(args.config, args.overrides)
+    experiment = load_experiment(args.config, args.overrides, quick=args.quick)
     # as train and eval: a dead tracking server is refused before any step runs
     tracking_uri = None if args.dry_run else check_tracking_server()
     if not tracking_uri and not args.dry_run:
@@ -211,8 +247,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def status_from_args(args: argparse.Namespace) -> int:
-    """`looplm status EXPERIMENT.yaml [k=v ...]`: each step's state and output folder."""
-    experiment = load_experiment(args.config, args.overrides)
+    """`looplm status EXPERIMENT.yaml [k=v ...] [--quick]`: each step's state and output folder."""
+    experiment = load_experiment(args.config, args.overrides, quick=args.quick)
     rows = status_rows(experiment.steps, experiment.root)
     width = max(len(r[0]) for r in rows)
     for name, state, folder in rows:

@@ -72,3 +72,33 @@ class Endpoint:
     model: str  # the model name clients ask for
     served: str  # what it serves: a models:/ URI or an HF folder
     kv_cache: str
+
+
+@dataclass(frozen=True)
+class StudyRunResult:
+    """study_train, one model and seed: its trained export and every measurement by recurrent pass."""
+
+    model: str  # the model's name in the study (looped, iso_param, ...)
+    seed: int
+    hf: str  # hf/: the trained model (after Stage II when the study trains a gate) with its tokenizer
+    num_layers: int
+    total_ut_steps: int  # T it was trained with
+    parameters: int
+    flops_by_pass: list[float]  # forward FLOPs per token at 1..max_passes passes
+    exact_match: list[float]  # held-out composed questions, at 1..max_passes passes
+    train_exact_match: list[float]  # training questions, same passes
+    val_loss: list[float]  # held-out question text, same passes
+    exit_curves: list[dict] = field(default_factory=list)  # {policy, gate, threshold, avg_steps, exact_match}
+    kv: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> {nll, nll_gap, agreement, ...}
+    final_loss: float = float("nan")
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    """study_report: the aggregate over seeds, the gaps with their confidence intervals, the plots."""
+
+    summary: str  # study.md: the tables
+    table: str  # study.json: every aggregate number
+    plots: list[str] = field(default_factory=list)  # PNG files in the step folder
+    gaps: dict[str, dict[str, float]] = field(default_factory=dict)  # "a-b" -> {gap, low, high, n_a, n_b, ...}

@@ -7,12 +7,19 @@
                                                                                                     data
     register  RegisterConfig   the model in the MLflow registry               -> RegisteredModel inputs: model, metrics
     deploy    DeployConfig     the model on Ray Serve, OpenAI-compatible      -> Endpoint       inputs: model
+    study_train   StudyTrainConfig  a study's models x seeds on multi-hop QA  -> StudyRunResult  (one step each)
+    study_report  StudyReportConfig mean/spread over seeds, gap CIs, plots    -> StudyReport     inputs: runs
 
 Inputs by role: a step's config names its inputs by placeholder (`data.manifest: "@curate"`, `train.init_from_hf:
 "@pretrain"`, `model: "@gate"`), which `KINDS[kind].fill` writes from the experiment's `inputs:` so that the hash
 covers the upstream step (through its hash), never a machine's path; at run time the step replaces the
 placeholder with the upstream folder. The steps that only orchestrate Ray work (curate: Ray Data; pretrain:
 Ray Train) take no CPU themselves (num_cpus=0), or their own workers could never be scheduled on a small node.
+
+A kind with `expand` is a matrix: one YAML step becomes several executor steps (`study_train` -> one per model
+and seed, named `<step>.<model>.s<seed>`), each hashed and cached on its own, so adding a seed or a model trains
+only what is new. A later step names the matrix as one input; a role in the kind's `many` then receives every
+member (as `<role>/<member step>`).
 """
 
 from __future__ import annotations
@@ -29,9 +36,19 @@ from typing import Any
 
 from looplm.pipelines.curate import CurateConfig
 from looplm.pipelines.evaluate import EvalConfig
+from looplm.pipelines.studies import MultiHopData, StudyEval, StudyRun
 from looplm.pipelines.training.config import PretrainConfig
 
-from .records import CuratedData, Endpoint, EvalMetrics, RegisteredModel, TrainedModel, UpcycledModel
+from .records import (
+    CuratedData,
+    Endpoint,
+    EvalMetrics,
+    RegisteredModel,
+    StudyReport,
+    StudyRunResult,
+    TrainedModel,
+    UpcycledModel,
+)
 
 PLACEHOLDER = "@"  # "@<step>": filled with that step's output at run time
 
@@ -296,6 +313,165 @@ def deploy_step(config: DeployConfig, inputs: dict, context: Any) -> Endpoint:
     return Endpoint(base_url=base_url, model=config.name, served=served, kv_cache=config.kv_cache)
 
 
+# ---------------------------------------------------------------- studies (docs/studies.md)
+
+
+@dataclass(frozen=True)
+class StudyModel:
+    """One model of a study: its sections are merged over the study's shared ones, field by field."""
+
+    model: dict[str, Any] = field(default_factory=dict)  # LoopLMConfig fields
+    training: dict[str, Any] = field(default_factory=dict)  # TrainSettings fields
+    stage2: dict[str, Any] | None = None  # TrainSettings of a Stage II gate run (early-exit curves); None: none
+    eval: dict[str, Any] = field(default_factory=dict)  # StudyEval fields (e.g. kv_prompts for this model only)
+
+
+@dataclass(frozen=True)
+class StudyTrainConfig:
+    data: MultiHopData = field(default_factory=MultiHopData)
+    model: dict[str, Any] = field(default_factory=dict)  # shared LoopLMConfig fields
+    training: dict[str, Any] = field(default_factory=dict)  # shared TrainSettings fields
+    eval: StudyEval = field(default_factory=StudyEval)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> StudyModel fields
+
+
+@dataclass(frozen=True)
+class StudyReportConfig:
+    gaps: tuple[tuple[str, str], ...] = ()  # (a, b): exact match of a minus b at their trained T, with a CI
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
+
+
+def expand_study(config: StudyTrainConfig, where: str) -> list[tuple[str, StudyRun]]:
+    """The study's runs, one per model and seed: (suffix "<model>.s<seed>", its StudyRun). Every model and
+    training section is built here once, so a field the model or trainer does not know fails at load time."""
+    from looplm.infra.configs import ConfigFileError, build_config, to_dict
+    from looplm.pipelines.studies import StudyConfigError, check_run
+
+    if not config.models:
+        raise ConfigFileError(f"{where}.models: a study needs at least one model")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ConfigFileError(f"{where}.seeds: give one or more distinct seeds, got {list(config.seeds)}")
+    runs = []
+    for name, entry in config.models.items():
+        at = f"{where}.models.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigFileError(f"{at}: a model name is letters, digits, _ and -")
+        spec = build_config(StudyModel, entry or {}, at)
+        settings = build_config(StudyEval, {**to_dict(config.eval), **spec.eval}, f"{at}.eval")
+        for seed in config.seeds:
+            run = StudyRun(
+                name=name,
+                seed=seed,
+                data=config.data,
+                model={**config.model, **spec.model},
+                training={**config.training, **spec.training},
+                stage2=spec.stage2,
+                eval=settings,
+            )
+            try:
+                check_run(run, at)
+            except StudyConfigError as err:
+                raise ConfigFileError(str(err)) from None
+            runs.append((f"{name}.s{seed}", run))
+    return runs
+
+
+def study_train_step(config: StudyRun, inputs: dict, context: Any) -> StudyRunResult:
+    from looplm.infra.tracking import by_step_metrics
+    from looplm.pipelines.studies import train_and_measure
+
+    tracker = context.tracker
+    total = int(config.training.get("steps", 0)) or None
+
+    def log(record: dict[str, Any]) -> None:
+        gate = record.get("stage") == 2
+        if not gate and (record["step"] % max(1, 10 * int(config.training.get("log_every", 10))) == 0):
+            context.progress(f"step {record['step']}/{total}  loss {record['loss']:.4f}")
+        if tracker is not None:
+            prefix = "gate_" if gate else ""
+            metrics = {f"{prefix}{k}": float(v) for k, v in record.items() if k not in ("step", "stage")}
+            tracker.log_metrics(metrics, step=int(record["step"]))
+
+    if tracker is not None:
+        tracker.set_tags({"looplm.study.model": config.name, "looplm.study.seed": str(config.seed)})
+    result = train_and_measure(config, context.output, log)
+    record = StudyRunResult(
+        model=config.name,
+        seed=config.seed,
+        hf="hf",
+        num_layers=result.num_layers,
+        total_ut_steps=result.total_ut_steps,
+        parameters=result.parameters,
+        flops_by_pass=result.flops_by_pass,
+        exact_match=result.exact_match,
+        train_exact_match=result.train_exact_match,
+        val_loss=result.val_loss,
+        exit_curves=result.exit_curves,
+        kv=result.kv,
+        final_loss=result.final_loss,
+        train_seconds=result.train_seconds,
+    )
+    trained = result.total_ut_steps
+    context.progress(
+        f"{config.name} seed {config.seed}: exact match {result.exact_match[trained - 1]:.3f} at T = {trained} "
+        f"(by pass: {', '.join(f'{v:.2f}' for v in result.exact_match)}), {result.train_seconds:.0f} s training"
+    )
+    if tracker is not None:
+        for t in range(1, len(result.exact_match) + 1):
+            metrics = {"exact_match": result.exact_match[t - 1], "val_loss": result.val_loss[t - 1]}
+            if result.train_exact_match:
+                metrics["train_exact_match"] = result.train_exact_match[t - 1]
+            tracker.log_metrics({f"{k}_by_pass": v for k, v in metrics.items()}, step=t)
+            tracker.log_metrics(by_step_metrics(metrics, t))
+        tracker.log_metrics(
+            {"exact_match": result.exact_match[trained - 1], "val_loss": result.val_loss[trained - 1],
+             "parameters": result.parameters, "train_seconds": result.train_seconds}
+        )  # fmt: skip
+        for index, point in enumerate(result.exit_curves):
+            name = f"exit_{point['policy']}" + (f"_{point['gate']}" if point["gate"] else "")
+            tracker.log_metrics(
+                {f"{name}/avg_steps": point["avg_steps"], f"{name}/exact_match": point["exact_match"]}, step=index
+            )
+        for strategy, values in result.kv.items():
+            tracker.log_metrics({f"kv_{strategy}/{key}": value for key, value in values.items()})
+    (context.output / "result.json").write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    return record
+
+
+def study_report_step(config: StudyReportConfig, inputs: dict, context: Any) -> StudyReport:
+    from looplm.pipelines import study_report
+
+    runs = [dataclasses.asdict(up.record) for _, up in sorted(inputs.items())]
+    if not runs:
+        raise ValueError(f"{context.name}: no study runs to report on (inputs: runs)")
+    models = study_report.aggregate(runs)
+    gaps = study_report.gaps(runs, [tuple(pair) for pair in config.gaps], config.confidence)
+    summary = study_report.markdown(models, gaps, config.confidence)
+    (context.output / "study.md").write_text(summary)
+    (context.output / "study.json").write_text(json.dumps({"models": models, "gaps": gaps}, indent=2) + "\n")
+    plots = study_report.write_plots(models, context.output)
+    print(summary, flush=True)
+    if context.tracker is not None:
+        tracker = context.tracker
+        for name, entry in models.items():
+            for t, mean in enumerate(entry["exact_match"]["mean"], 1):
+                tracker.log_metrics({f"{name}/exact_match_mean": mean}, step=t)
+                tracker.log_metrics({f"{name}/exact_match_mean/t{t:02d}": mean})
+            tracker.log_metrics({f"{name}/exact_match_at_T": entry["at_trained"]["mean"]})
+        for key, gap in gaps.items():
+            tracker.log_metrics({f"gap/{key}/{k}": v for k, v in gap.items() if k in ("gap", "low", "high")})
+        for path in plots:
+            tracker.log_artifact(path, "plots")
+        tracker.log_artifact(context.output / "study.md")
+        tracker.log_artifact(context.output / "study.json")
+    return StudyReport(summary="study.md", table="study.json", plots=[p.name for p in plots], gaps=gaps)
+
+
 # ---------------------------------------------------------------- the table of kinds
 
 
@@ -309,6 +485,9 @@ class Kind:
     cacheable: bool = True  # False: runs every time (a deploy step: its endpoint lives only while served)
     # (config as plain data, {role: upstream step name}) -> the data with each input's placeholder written in
     fill: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = field(default=lambda data, inputs: data)
+    # (config, where) -> [(suffix, per-step config)]: one YAML step becomes one executor step per entry (a matrix)
+    expand: Callable[[Any, str], list[tuple[str, Any]]] | None = None
+    many: tuple[str, ...] = ()  # roles that take a whole matrix (every member step) as inputs
 
 
 def _fill_pretrain(data: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
@@ -338,4 +517,7 @@ KINDS: dict[str, Kind] = {
     "register": Kind(RegisterConfig, register_step, roles=("model", "metrics"), required=("model",), num_cpus=0),
     # A live endpoint is not files: deploy runs every time (its upstream steps stay cached).
     "deploy": Kind(DeployConfig, deploy_step, roles=("model",), required=("model",), num_cpus=0, cacheable=False),
+    # A study matrix: one step per model and seed (each cached on its own), then the aggregate over them.
+    "study_train": Kind(StudyTrainConfig, study_train_step, roles=(), expand=expand_study),
+    "study_report": Kind(StudyReportConfig, study_report_step, roles=("runs",), required=("runs",), many=("runs",)),
 }
