@@ -188,7 +188,11 @@ def hidden_difference_grid(model: LoopLM, rows: torch.Tensor, quantiles: tuple[f
     Its scale depends on the model, so a fixed grid would say little; the quantiles span exits from late to early.
     """
     inputs, _ = split_batch(rows)
-    hidden = model(inputs, return_logits=False).hidden_states
+    return hidden_difference_quantiles(model(inputs, return_logits=False).hidden_states, quantiles)
+
+
+def hidden_difference_quantiles(hidden: list[torch.Tensor], quantiles: tuple[float, ...]) -> tuple[float, ...]:
+    """Quantiles of ||h_t - h_{t-1}|| over every position and t = 2..T of a pass's hidden states; () for T = 1."""
     if len(hidden) < 2:
         return ()
     distances = torch.cat(

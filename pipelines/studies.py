@@ -39,6 +39,7 @@ import torch
 from looplm.model import HiddenDiffExit, LoopLM, LoopLMConfig, QExit, StaticExit, generate, select_exit_steps
 from looplm.model.generation import left_pad
 from looplm.pipelines import synthetic
+from looplm.pipelines.evaluate import hidden_difference_quantiles
 from looplm.pipelines.reference_train import TrainSettings, pack_documents, per_step_validation, train
 
 PAD, END_OF_DOCUMENT, UNKNOWN = "<pad>", "<eod>", "<unk>"
@@ -244,9 +245,9 @@ def answer_states(model: LoopLM, tokenizer: Any, items: list[tuple[str, str]], p
         ids, mask = left_pad(prompts, model.config.pad_token_id)
         out = model(ids, passes, attention_mask=mask, return_logits=False)
         target = torch.tensor([a[0] for a in answers])
-        for t, h in enumerate(out.hidden_states):
-            hidden[t].append(h[:, -1])
         last = [h[:, -1] for h in out.hidden_states]
+        for t, h in enumerate(last):
+            hidden[t].append(h)
         gates.append(out.gate_logits[:, -1])
         correct.append(torch.stack([model.lm_head(h).argmax(-1) == target for h in last], dim=-1))
     return AnswerStates([torch.cat(h) for h in hidden], torch.cat(gates), torch.cat(correct))
@@ -285,13 +286,8 @@ def exit_curves(
         point("qexit", "stage2", q, QExit(q), states.gate_logits)
         if stage1_gate_logits is not None:
             point("qexit", "stage1", q, QExit(q), stage1_gate_logits)
-    if steps > 1:
-        distances = torch.cat(
-            [torch.linalg.vector_norm(b - a, dim=-1) for a, b in zip(states.hidden, states.hidden[1:], strict=False)]
-        )
-        quantiles = torch.quantile(distances.float(), torch.tensor(settings.hdiff_quantiles, dtype=torch.float32))
-        for eps in quantiles.tolist():
-            point("hdiff", "", eps, HiddenDiffExit(eps), states.gate_logits)
+    for eps in hidden_difference_quantiles(states.hidden, settings.hdiff_quantiles):
+        point("hdiff", "", eps, HiddenDiffExit(eps), states.gate_logits)
     return rows
 
 
