@@ -172,6 +172,7 @@ def eval_texts(config: CurateConfig) -> list[str]:
 
 def curate(config: CurateConfig, output: str | Path) -> dict:
     """Run every stage on the current Ray connection; returns the report (also written under output/report)."""
+    check_inputs(config)
     stats, extra = _on_ray(config, Path(output))
     return _finish(config, Path(output), stats, extra)
 
@@ -179,7 +180,6 @@ def curate(config: CurateConfig, output: str | Path) -> dict:
 def _on_ray(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
     import ray.data
 
-    check_inputs(config)
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order, context.enable_progress_bars
     context.execution_options.preserve_order = True  # the same config gives the same .bin, byte for byte
