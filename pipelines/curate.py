@@ -1,6 +1,8 @@
-"""Data curation on Ray Data: raw documents in, Megatron indexed datasets and a curation report out.
+"""Data curation on Ray Data, or in one process and a pool without Ray: raw documents in, Megatron indexed datasets
+and a curation report out.
 
     looplm curate configs/curate-demo.yaml [dotted.key=value ...] [--output DIR]
+    looplm curate configs/curate-demo.yaml executor=local          # one machine, no Ray
 
 This module orchestrates; the stages live in `pipelines/curation/` (per-document stages in `stages.py`, the
 filters and dedup in their own modules). Stages, in order (FineWeb's, with NeMo Curator's PII and
@@ -24,7 +26,12 @@ decontamination steps and Dolma's bookkeeping):
 Per-document stages are `map_batches` over pandas batches that annotate rather than drop: a removed document
 keeps its row with `removed_by` (the step) and `reason`, so every removal is counted and written out
 (removed/*.parquet) with its reason. The two dedup steps compute hashes and MinHash band keys in parallel and
-form clusters on the driver (FineWeb's clustering is a single task too). Output folder:
+form clusters on the driver (FineWeb's clustering is a single task too).
+
+Two executors run the one stage sequence (`_curate`): `ray` (the default; a cluster, or corpora beyond one machine)
+on Ray Data, and `local` on `curation/local.py`'s stand-in for the few Dataset methods `_curate` calls: the same
+stage functions over the same pandas batches in this process and a pool of `num_cpus` processes, without Ray's
+start-up and its processes' memory. Both write the same files, byte for byte, and the same report. Output folder:
 
     tokenizer.json  mixture.json  megatron/<source>_{train,valid}.{bin,idx}  removed/  report/  config.yaml
 
@@ -41,6 +48,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +92,7 @@ from looplm.pipelines.curation.stages import (
     validate_stage,
 )
 from looplm.pipelines.noise import NoiseConfig
-from looplm.pipelines.sources import SourceConfig, SourceError, check_source, eval_questions, read_source
+from looplm.pipelines.sources import SourceConfig, SourceError, check_source, eval_questions, read_source, read_tasks
 
 __all__ = ["CurateConfig", "InputConfig", "curate", "run", "run_from_args", "load_curate_config", "check_inputs"]
 __all__ += ["exact_duplicates", "near_duplicates", "skip_table"]  # kept importable from here
@@ -99,6 +107,9 @@ def _default_sources() -> tuple[SourceConfig, ...]:
         SourceConfig(name="multihop", kind="multihop", count=200, weight=0.3, skip=("langid", "quality")),
         SourceConfig(name="mano", kind="mano", count=200, weight=0.1, skip=("langid", "quality", "pii")),
     )
+
+
+EXECUTORS = ("ray", "local")
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,11 @@ class CurateConfig:
     pack: PackConfig = PackConfig()
     batch_size: int = 512
     progress: bool = True
-    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray on loopback
-    num_cpus: int | None = None  # local Ray only
+    # Where the stages run: "ray" (Ray Data: a cluster, or corpora beyond one machine) or "local" (this process and
+    # a pool of num_cpus workers, no Ray: one machine, faster start, less memory). The outputs are the same.
+    executor: str = "ray"
+    ray_address: str | None = None  # executor ray: None is $RAY_ADDRESS, else a local Ray on loopback
+    num_cpus: int | None = None  # a local Ray's CPUs, or the local executor's workers; None: every CPU
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else no MLflow logging
 
     def __post_init__(self) -> None:
@@ -131,6 +145,15 @@ class CurateConfig:
             raise ValueError("curate: at least one source is needed")
         if len(set(names)) != len(names):
             raise ValueError(f"curate: source names must be unique, got {names}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"curate: executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.executor == "local" and self.ray_address is not None:
+            raise ValueError(
+                f"curate: ray_address={self.ray_address!r} with executor=local, which runs without Ray; "
+                "drop ray_address, or use executor=ray"
+            )
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"curate: num_cpus must be at least 1, got {self.num_cpus}")
         for source in self.sources:
             unknown = set(source.skip) - set(SKIPPABLE) - set(SKIP_GROUPS)
             if unknown:
@@ -171,9 +194,10 @@ def eval_texts(config: CurateConfig) -> list[str]:
 
 
 def curate(config: CurateConfig, output: str | Path) -> dict:
-    """Run every stage on the current Ray connection; returns the report (also written under output/report)."""
+    """Run every stage (executor ray: on the current Ray connection); returns the report (also written under
+    output/report)."""
     check_inputs(config)
-    stats, extra = _on_ray(config, Path(output))
+    stats, extra = (_on_local if config.executor == "local" else _on_ray)(config, Path(output))
     return _finish(config, Path(output), stats, extra)
 
 
@@ -185,9 +209,19 @@ def _on_ray(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
     context.execution_options.preserve_order = True  # the same config gives the same .bin, byte for byte
     context.enable_progress_bars = config.progress
     try:
-        return _curate(config, output)
+        return _curate(config, output, read_source)
     finally:  # the driver's DataContext is shared with whatever runs next in this process
         context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _on_local(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
+    """`_curate` on `LocalDataset`s: this process and a pool of `num_cpus` workers, stopped before the report."""
+    from looplm.pipelines.curation.local import LocalDataset, worker_pool
+
+    with worker_pool(config.num_cpus) as run:
+        return _curate(
+            config, output, lambda source, seed: LocalDataset.read(read_tasks(source, seed), run, config.progress)
+        )
 
 
 # What a run writes into its output folder; a rerun into the same folder clears these first, so no file of an
@@ -197,8 +231,9 @@ STATS_COLUMNS = ["key", "id", "source", "planted", "removed_by", "reason", "meta
 STATS_COLUMNS += ["lang", "lang_score", "pii", "modified", "excerpt"]
 
 
-def _curate(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
-    """Every stage that needs Ray; returns the per-document stats and the report's other entries, for `_finish`."""
+def _curate(config: CurateConfig, output: Path, read: Callable) -> tuple[pd.DataFrame, dict]:
+    """Every stage but the report, on the datasets `read(source, seed)` returns (a Ray Dataset, or a LocalDataset,
+    which has the same methods); returns the per-document stats and the report's other entries, for `_finish`."""
     import shutil
 
     started = time.perf_counter()
@@ -220,7 +255,7 @@ def _curate(config: CurateConfig, output: Path) -> tuple[pd.DataFrame, dict]:
         phases[name] = round(now - last[0], 2)
         last[0] = now
 
-    parts = [read_source(source, config.seed) for source in config.sources]
+    parts = [read(source, config.seed) for source in config.sources]
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     dataset = (
         dataset.map_batches(validate_stage, fn_args=(config.input,), **batch)
@@ -455,10 +490,13 @@ def _ray(config: CurateConfig):
 
 
 def run(config: CurateConfig, output: str | Path) -> dict:
-    """Connect to Ray (the configured or current cluster, else a local one), curate, print the summary."""
+    """Curate (executor ray: on the configured or current cluster, else a local Ray), print the summary."""
     check_inputs(config)  # a missing file is named at once, not after Ray has started
-    with _ray(config):
-        stats, extra = _on_ray(config, Path(output))
+    if config.executor == "local":
+        stats, extra = _on_local(config, Path(output))
+    else:
+        with _ray(config):
+            stats, extra = _on_ray(config, Path(output))
     report = _finish(config, Path(output), stats, extra)  # the report after Ray is down: see _finish
     print_summary(report)
     print(f"output: {output}")

@@ -1,4 +1,5 @@
-"""Sources of raw documents, read into Ray Datasets with one schema.
+"""Sources of raw documents, read with one schema: into Ray Datasets (`read_source`), or as pandas frames without
+Ray (`read_tasks`, for the local executor), the same rows in the same order either way.
 
 Every row has: key, id (the source's own id, kept through the pipeline), source,
 text, meta (JSON: the record's other fields, and a generator's planted-defect label), planted (that label, '' when
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,16 +252,20 @@ def _table_rows_arrow(frame: pd.DataFrame, config: SourceConfig):
 
 def _parquet_file_rows(paths: pd.DataFrame, config: SourceConfig, root: str):
     """Our schema from parquet files, BLOCK_ROWS rows at a time, keyed by file and row."""
+    for path in paths["item"]:
+        yield from map(_arrow, _parquet_file_frames(path, config, root))
+
+
+def _parquet_file_frames(path: str, config: SourceConfig, root: str) -> Iterator[pd.DataFrame]:
     import pyarrow.parquet as pq
 
-    for path in paths["item"]:
-        file_id = str(Path(path).relative_to(root))
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
-            frame = batch.to_pandas()
-            frame[ROW] = range(row, row + len(frame))
-            row += len(frame)
-            yield _arrow(_table_rows(frame, config, file_id))
+    file_id = str(Path(path).relative_to(root))
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
+        frame = batch.to_pandas()
+        frame[ROW] = range(row, row + len(frame))
+        row += len(frame)
+        yield _table_rows(frame, config, file_id)
 
 
 def _jsonl_rows(item: dict, config: SourceConfig, root: str) -> list[dict]:
@@ -360,47 +366,93 @@ def eval_questions(seed: int) -> list[synthetic.QA]:
     return test
 
 
+def _root(config: SourceConfig) -> Path:
+    """The folder that file ids are relative to: the source's folder, or a single file's parent."""
+    path = Path(config.path)
+    return (path if path.is_dir() else path.parent).resolve()
+
+
+def _generated_blocks(config: SourceConfig, seed: int) -> list[pd.DataFrame]:
+    frame = pd.DataFrame(generated_records(config, seed), columns=list(COLUMNS))
+    # Several blocks, so the stages after this one run in parallel.
+    return [frame.iloc[i : i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS)] or [frame]
+
+
+def _hf_blocks(config: SourceConfig) -> list:
+    """The dataset's Arrow table in BLOCK_ROWS slices, each row numbered (the key's last part)."""
+    import pyarrow as pa
+
+    table = load_hf(config).flatten_indices().data.table
+    table = table.append_column(ROW, pa.array(range(table.num_rows), type=pa.int64()))
+    return [table.slice(i, BLOCK_ROWS) for i in range(0, table.num_rows, BLOCK_ROWS)] or [table]
+
+
 def read_source(config: SourceConfig, seed: int = 0):
     """A Ray Dataset of the source's rows in our schema (see the module docstring)."""
     import ray.data
 
     if config.kind in GENERATED:
-        frame = pd.DataFrame(generated_records(config, seed), columns=list(COLUMNS))
-        # Several blocks, so the stages after this one run in parallel.
-        blocks = [frame.iloc[i : i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS)]
-        return ray.data.from_arrow([_arrow(block) for block in blocks or [frame]])
+        return ray.data.from_arrow([_arrow(block) for block in _generated_blocks(config, seed)])
+    root = _root(config) if config.kind in ("jsonl", "text", "parquet") else None
     if config.kind == "jsonl":
-        files = _files(config, JSONL_SUFFIXES)
-        root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
-        paths = [str(f.resolve()) for f in files]
-        return ray.data.read_binary_files(paths, include_paths=True).flat_map(
-            _jsonl_rows, fn_args=(config, str(root.resolve()))
-        )
+        paths = [str(f.resolve()) for f in _files(config, JSONL_SUFFIXES)]
+        return ray.data.read_binary_files(paths, include_paths=True).flat_map(_jsonl_rows, fn_args=(config, str(root)))
     if config.kind == "text":
-        files = _files(config, ())
-        root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
 
         def parse_text(item: dict) -> dict:
-            return parse_text_file(item["bytes"], config.name, str(Path(item["path"]).relative_to(root.resolve())))
+            return parse_text_file(item["bytes"], config.name, str(Path(item["path"]).relative_to(root)))
 
-        paths = [str(f.resolve()) for f in files]
+        paths = [str(f.resolve()) for f in _files(config, ())]
         return ray.data.read_binary_files(paths, include_paths=True).map(parse_text)
     if config.kind == "parquet":
         files = check_parquet(config)
-        root = Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent
         # One task per file, so each row's number in its file (the key) is known.
         paths = ray.data.from_items([str(f.resolve()) for f in files], override_num_blocks=len(files))
         return paths.map_batches(
-            _parquet_file_rows, fn_args=(config, str(root.resolve())), batch_size=None, batch_format="pandas"
+            _parquet_file_rows, fn_args=(config, str(root)), batch_size=None, batch_format="pandas"
         )
-    dataset = load_hf(config)
-    import pyarrow as pa
-
-    table = dataset.flatten_indices().data.table
-    table = table.append_column(ROW, pa.array(range(table.num_rows), type=pa.int64()))
-    # from_arrow, not from_huggingface: the latter re-resolves local datasets by name (notes §3). Several
-    # blocks, so the stages after this one run in parallel.
-    blocks = [table.slice(i, BLOCK_ROWS) for i in range(0, table.num_rows, BLOCK_ROWS)]
-    return ray.data.from_arrow(blocks or [table]).map_batches(
+    # from_arrow, not from_huggingface: the latter re-resolves local datasets by name (notes §3).
+    return ray.data.from_arrow(_hf_blocks(config)).map_batches(
         _table_rows_arrow, fn_args=(config,), batch_format="pandas"
     )
+
+
+# A read without Ray: a picklable function and its arguments, returning a frame of rows or yielding frames.
+ReadTask = tuple[Callable[..., "pd.DataFrame | Iterator[pd.DataFrame]"], tuple]
+
+
+def read_tasks(config: SourceConfig, seed: int = 0) -> list[ReadTask]:
+    """The source's rows as pandas frames without Ray (the local executor): one task per file (jsonl, parquet), per
+    BLOCK_ROWS text files, or per block of generated or `hf` rows, which, run in order, give the rows and the order
+    `read_source` gives. The tasks read their files themselves, so a process pool reads in parallel."""
+    if config.kind in GENERATED:
+        return [(_frame, (block,)) for block in _generated_blocks(config, seed)]
+    if config.kind == "hf":
+        return [(_hf_block_frame, (block, config)) for block in _hf_blocks(config)]
+    root = str(_root(config))
+    if config.kind == "jsonl":
+        return [(_jsonl_file_frame, (str(f.resolve()), config, root)) for f in _files(config, JSONL_SUFFIXES)]
+    if config.kind == "parquet":
+        return [(_parquet_file_frames, (str(f.resolve()), config, root)) for f in check_parquet(config)]
+    paths = [str(f.resolve()) for f in _files(config, ())]
+    return [
+        (_text_files_frame, (paths[i : i + BLOCK_ROWS], config.name, root)) for i in range(0, len(paths), BLOCK_ROWS)
+    ]
+
+
+def _frame(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
+
+
+def _jsonl_file_frame(path: str, config: SourceConfig, root: str) -> pd.DataFrame:
+    rows = _jsonl_rows({"path": path, "bytes": Path(path).read_bytes()}, config, root)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _text_files_frame(paths: list[str], source: str, root: str) -> pd.DataFrame:
+    rows = [parse_text_file(Path(p).read_bytes(), source, str(Path(p).relative_to(root))) for p in paths]
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _hf_block_frame(block, config: SourceConfig) -> pd.DataFrame:
+    return _table_rows(block.to_pandas(), config)

@@ -126,6 +126,18 @@ def _curate_cases(tmp: Path) -> list[Case]:
         Case("curate: wrong type", [*args, str(config), "batch_size=many"], "batch_size", not_done=out),
         Case("curate: unknown source kind", [*args, str(config), "sources.mine.kind=csv"], "'csv'", not_done=out),
         Case(
+            "curate: unknown executor",
+            [*args, str(config), "executor=dask"],
+            "executor must be one of ray, local, got 'dask'",
+            not_done=out,
+        ),
+        Case(
+            "curate: a Ray address for the local executor",
+            [*args, str(config), "executor=local", "ray_address=ray://head:10001"],
+            "ray_address='ray://head:10001' with executor=local",
+            not_done=out,
+        ),
+        Case(
             "curate: input file missing", source(folder / "absent.jsonl"), "absent.jsonl does not exist", not_done=out
         ),
         Case("curate: input folder holds no jsonl", source(no_jsonl), f"under {no_jsonl}", not_done=out),

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -81,8 +82,14 @@ def _write_bad_inputs(root: Path) -> dict[str, int]:
     }
 
 
-@pytest.mark.slow
-def test_curate_cli_end_to_end(local_ray, tmp_path):
+E2E_OVERRIDES = ["sources.mano.count=12"]
+
+
+@pytest.fixture(scope="module")
+def e2e(local_ray, tmp_path_factory) -> tuple[Path, dict, dict[str, int]]:
+    """The end-to-end config (every source kind, bad input, tokenize on), run once through the CLI on Ray Data into
+    `folder/out`; returns (folder, config, the expected quarantine reasons). Shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     expected_quarantine = _write_bad_inputs(tmp_path)
     config = {
         "sources": [
@@ -105,8 +112,14 @@ def test_curate_cli_end_to_end(local_ray, tmp_path):
         "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }  # fmt: skip
     (tmp_path / "curate.yaml").write_text(yaml.safe_dump(config))
+    assert main(["curate", str(tmp_path / "curate.yaml"), *E2E_OVERRIDES, "--output", str(tmp_path / "out")]) == 0
+    return tmp_path, config, expected_quarantine
+
+
+@pytest.mark.slow
+def test_curate_cli_end_to_end(e2e):
+    tmp_path, config, expected_quarantine = e2e
     out = tmp_path / "out"
-    assert main(["curate", str(tmp_path / "curate.yaml"), "sources.mano.count=12", "--output", str(out)]) == 0
     report = json.loads((out / "report" / "report.json").read_text())
 
     # Every document is accounted for: kept + removed (with a reason, written out) = read.
@@ -182,6 +195,36 @@ def test_curate_cli_end_to_end(local_ray, tmp_path):
     assert {"curation_report/report.json", "curation_report/lengths.png"} <= artifacts
 
 
+@pytest.mark.slow
+def test_local_executor_writes_what_ray_data_writes(e2e, monkeypatch):
+    """`executor=local` (no Ray: this process and a pool of two workers) on the end-to-end config against the Ray
+    Data run: the same .bin/.idx, tokenizer and manifest byte for byte, the same removed rows with their reasons,
+    and the same report but for its timings."""
+    tmp_path, _, _ = e2e
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [*E2E_OVERRIDES, "executor=local", "num_cpus=2", "mlflow_tracking_uri=null"]
+    config = load_curate_config(tmp_path / "curate.yaml", overrides)
+    assert config.executor == "local" and config.mlflow_tracking_uri is None
+    ray_out, local = tmp_path / "out", tmp_path / "local"
+    curate(config, local)
+
+    assert (local / "_SUCCESS").exists()
+    files = sorted(p.relative_to(ray_out) for p in (ray_out / "megatron").iterdir())
+    assert len(files) >= 8 and files == sorted(p.relative_to(local) for p in (local / "megatron").iterdir())
+    for name in [*files, Path("tokenizer.json"), Path("mixture.json")]:
+        assert (local / name).read_bytes() == (ray_out / name).read_bytes(), name
+    # The same columns and values, row for row, in key order: the order of Ray's files is not the pipeline's (the
+    # packed files above keep that order). As values, not Arrow tables or pandas frames: the types of the columns
+    # follow the writer's batches (Ray's are string or large_string from run to run; pandas' dtypes, kept in the
+    # files' metadata, differ too), not the data.
+    removed = [pq.read_table(out / "removed").sort_by("key").to_pylist() for out in (ray_out, local)]
+    assert len(removed[0]) > 20 and removed[1] == removed[0]
+    reports = [json.loads((out / "report" / "report.json").read_text()) for out in (ray_out, local)]
+    for report in reports:
+        assert report.pop("seconds") > 0 and report.pop("seconds_per_phase")
+    assert reports[1] == reports[0]
+
+
 def test_missing_or_unfit_source_fails_naming_it(local_ray, tmp_path):
     config = CurateConfig(sources=(SourceConfig(name="crawl", kind="jsonl", path=str(tmp_path / "nowhere")),))
     with pytest.raises(SourceError, match=r"source 'crawl': .*nowhere does not exist"):
@@ -209,10 +252,16 @@ def test_source_overrides_by_name_and_position(tmp_path):
 
 @pytest.mark.slow
 def test_same_config_gives_the_same_packed_bytes(local_ray, tmp_path):
-    """The step cache keys outputs by config: a rerun must write identical tokenizer and .bin/.idx files."""
+    """The step cache keys outputs by config: a rerun must write identical tokenizer and .bin/.idx files, on
+    either executor (the local one in pipeline order too: `crawl` is two files, `bios` three batches)."""
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    for name, texts in (("a.jsonl", [GOOD_WEB, GOOD_TEXT]), ("b.jsonl", [GOOD_PARQUET, GOOD_HF])):
+        (crawl / name).write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     sources = (
         SourceConfig(name="bios", kind="bios", count=120, noise=CurateConfig().sources[0].noise),
         SourceConfig(name="mano", kind="mano", count=5, skip=("langid", "quality", "pii")),
+        SourceConfig(name="crawl", kind="jsonl", path=str(crawl)),
     )
     config = CurateConfig(sources=sources, progress=False, batch_size=64, builtin_eval=True)
     # "b" first holds an unrelated run's output, which the rerun must replace, not mix with.
@@ -221,9 +270,12 @@ def test_same_config_gives_the_same_packed_bytes(local_ray, tmp_path):
     assert (tmp_path / "b" / "megatron" / "old_train.bin").exists()
     for run in ("a", "b"):
         curate(config, tmp_path / run)
+    curate(dataclasses.replace(config, executor="local", num_cpus=2), tmp_path / "local")
     assert not list((tmp_path / "b" / "megatron").glob("old_*"))
     assert len(pd.read_parquet(tmp_path / "b" / "removed")) == len(pd.read_parquet(tmp_path / "a" / "removed"))
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.suffix in (".bin", ".idx"))
-    assert len(files) == 8  # two sources x (train, valid) x (.bin, .idx)
+    assert len(files) == 12  # three sources x (train, valid) x (.bin, .idx)
+    assert open_indexed(tmp_path / "a" / "megatron" / "crawl_train").sequence_lengths.size == 3  # 2 + 2, one to valid
     for name in [*files, Path("tokenizer.json"), Path("mixture.json")]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        for run in ("b", "local"):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / run / name).read_bytes(), (run, name)

@@ -2,12 +2,14 @@
 
 The first tests need no Ray (the inputs are checked before it starts); the rest share one local Ray."""
 
+import dataclasses
 import gzip
 import json
 import time
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -109,17 +111,33 @@ def test_own_files_compressed_folder_reused_ids_overstrike_curation_only(local_r
     assert not (out / "tokenizer.json").exists() and not (out / "megatron").exists()
     assert (out / "_SUCCESS").exists()
 
+    # The local executor in this process (one CPU: no pool) writes the same kept and removed rows and report.
+    local = tmp_path / "local"
+    assert curate(dataclasses.replace(config, executor="local", num_cpus=1), local)["documents_kept"] == 3
+    for folder in ("kept", "removed"):  # rows as values, in key order: see test_curate's test of the local executor
+        rows = [pq.read_table(o / folder).sort_by("key").to_pylist() for o in (out, local)]
+        assert rows[1] == rows[0], folder
+    reports = [json.loads((o / "report" / "report.json").read_text()) for o in (out, local)]
+    for entry in reports:
+        del entry["seconds"], entry["seconds_per_phase"]
+    assert reports[1] == reports[0] and (local / "_SUCCESS").exists()
 
-def test_wrong_text_field_fails_or_warns_as_chosen(local_ray, tmp_path):
+
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_wrong_text_field_fails_or_warns_as_chosen(executor, request, tmp_path):
+    if executor == "ray":
+        request.getfixturevalue("local_ray")
     (tmp_path / "docs.jsonl").write_bytes(_jsonl([{"id": i, "body": page} for i, page in enumerate(PAGES)]))
     source = SourceConfig(name="mine", kind="jsonl", path=str(tmp_path / "docs.jsonl"))
-    config = CurateConfig(sources=(source,), progress=False)
+    config = CurateConfig(
+        sources=(source,), progress=False, executor=executor, num_cpus=1 if executor == "local" else None
+    )
     with pytest.raises(LowYieldError, match=r"source 'mine' kept none of 4 documents.*missing text field 'text'"):
         curate(config, tmp_path / "error")
     assert not (tmp_path / "error" / "_SUCCESS").exists()
     assert (tmp_path / "error" / "report" / "report.json").exists()
 
-    warned = CurateConfig(sources=(source,), progress=False, tokenize=False, expect=YieldConfig(on_low_yield="warn"))
+    warned = dataclasses.replace(config, tokenize=False, expect=YieldConfig(on_low_yield="warn"))
     report = curate(warned, tmp_path / "warn")
     assert report["documents_kept"] == 0 and (tmp_path / "warn" / "_SUCCESS").exists()
     assert "kept none of 4" in report["warnings"][0]
