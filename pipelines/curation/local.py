@@ -108,7 +108,7 @@ class LocalDataset:
     def iter_batches(self, batch_format: str = "pandas") -> Iterator[pd.DataFrame]:
         if batch_format != "pandas":
             raise ValueError(f"the local executor yields pandas batches only, not batch_format={batch_format!r}")
-        for frames in self._results():
+        for frames in self._results(bar=False):  # the caller shows its own progress (`curate.pack`)
             yield from frames
 
     def write_parquet(self, path: str) -> None:
@@ -121,7 +121,7 @@ class LocalDataset:
     def _materialized(self) -> bool:
         return all(task[0] is _given and not stages for task, stages in self.parts)
 
-    def _results(self, write_to: list[str] | None = None) -> Iterator[list[pd.DataFrame]]:
+    def _results(self, write_to: list[str] | None = None, bar: bool = True) -> Iterator[list[pd.DataFrame]]:
         """Each part's frames, in part order: from memory when nothing is left to run, else from the pool."""
         if self._materialized() and write_to is None:
             for task, _ in self.parts:
@@ -133,9 +133,9 @@ class LocalDataset:
         names = ["read" if self.parts and self.parts[0][0][0] is not _given else "", *(s[0].__name__ for s in stages)]
         desc = ", ".join(dict.fromkeys(name.removesuffix("_stage") for name in names if name))
         results = self.run(_run_part, self.parts, write_to or [None] * len(self.parts))
-        with tqdm(total=len(self.parts), desc=desc, unit="part", disable=not self.progress) as bar:
+        with tqdm(total=len(self.parts), desc=desc, unit="part", disable=not (self.progress and bar)) as progress:
             for frames in results:
-                bar.update(1)
+                progress.update(1)
                 yield frames
 
 
