@@ -3,11 +3,11 @@
     python bench/curate_bench.py --real CORPUS [--docs 2000 --rounds 2 --cpus 2]
     python bench/curate_bench.py --docs 100000 --cpus 2          # GENERATED documents
 
---real: looplm and datatrove 0.10.1 side by side on real text (a folder from `bench/real_corpus.py corpus`), the
-same stages on the same shards (bench/curate_real.py), each run in its own process, interleaved (the order
-alternates each round), timed end to end (Ray or datatrove's executor start included) with the peak memory of the
-whole process tree (PSS, so shared memory counts once) and each process's share at that peak. Prints each run and the
-ratios of the medians.
+--real: looplm, on Ray Data and with its local executor (no Ray), and datatrove 0.10.1 side by side on real text (a
+folder from `bench/real_corpus.py corpus`), the same stages on the same shards (bench/curate_real.py), each run in
+its own process, interleaved (the order alternates each round), timed end to end (Ray or datatrove's executor start
+included) with the peak memory of the whole process tree (PSS, so shared memory counts once) and each process's
+share at that peak. Prints each run and the ratios of the medians, each looplm executor against datatrove.
 
 Without --real: the generated corpus (web-like pages with planted defects, not real text; its figures are
 labelled as such in BENCHMARKS.md):
@@ -102,7 +102,8 @@ def minhash_bench(texts: list[str]) -> list[tuple[str, float]]:
 
 def _tree_pss(root) -> list[tuple[str, int]]:
     """(name, proportional set size in bytes) of a process and each of its descendants (vanished ones left out).
-    The name is Ray's process title (ray::_StatsActor, ray::IDLE, ...) or the script a Python process runs."""
+    The name is Ray's process title (ray::_StatsActor, ray::IDLE, ...), the script a Python process runs, or, for
+    the local executor's processes, forkserver and its pool workers."""
     import psutil
 
     rows = []
@@ -111,6 +112,8 @@ def _tree_pss(root) -> list[tuple[str, int]]:
             command = proc.cmdline()
             script = next((os.path.basename(a) for a in command[1:3] if a.endswith(".py")), None)
             name = command[0] if command and command[0].startswith("ray::") else script or proc.name()
+            if any("multiprocessing.forkserver" in a for a in command):  # the workers fork from the server
+                name = "forkserver" if proc.ppid() == root.pid else "pool worker"
             rows.append((name, proc.memory_full_info().pss))
     return rows
 
@@ -156,7 +159,7 @@ def real(args) -> None:
     shard = 250  # datatrove runs a task per file; looplm's reader a task per file too
     for n, start in enumerate(range(0, len(records), shard)):
         (inputs / f"part-{n:05d}.jsonl").write_text("\n".join(records[start : start + shard]) + "\n")
-    cases = [("looplm", {}), ("datatrove", {})]
+    cases = [("looplm", {}), ("looplm-local", {}), ("datatrove", {})]
     if args.nice15:  # Ray's default worker niceness, to show what it costs on a loaded machine
         cases.append(("looplm", {"RAY_worker_niceness": "15"}))
     runs = []
@@ -174,8 +177,8 @@ def real(args) -> None:
     shutil.rmtree(inputs, ignore_errors=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"\n## Curation on real text: looplm vs datatrove 0.10.1 ({len(records)} documents from {args.real}, "
-          f"{args.cpus} CPUs, {args.rounds} interleaved rounds, commit {commit}, "
+    print(f"\n## Curation on real text: looplm (Ray Data; local executor) vs datatrove 0.10.1 ({len(records)} "
+          f"documents from {args.real}, {args.cpus} CPUs, {args.rounds} interleaved rounds, commit {commit}, "
           f"os.cpu_count()={os.cpu_count()})\n")  # fmt: skip
     print("| case | runs | docs/s (median) | seconds (median) | peak memory, PSS (median) | kept | load avg at start |")
     print("|---|---|---|---|---|---|---|")
@@ -192,9 +195,12 @@ def real(args) -> None:
         loads = ", ".join(str(r["load"]) for r in done)
         print(f"| {case} | {len(done)}{f' (+{failed} failed)' if failed else ''} | {done[0]['docs'] / seconds:.1f} | "
               f"{seconds:.1f} | {peak / 2**30:.2f} GiB | {done[0]['kept']} | {loads} |")  # fmt: skip
-    if "looplm" in medians and "datatrove" in medians:
-        (ours, our_peak), (theirs, their_peak) = medians["looplm"], medians["datatrove"]
-        print(f"\nlooplm / datatrove: docs/s {ours / theirs:.2f}x, peak memory {our_peak / their_peak:.2f}x")
+    if "datatrove" in medians:
+        theirs, their_peak = medians["datatrove"]
+        print()
+        for case, (ours, our_peak) in medians.items():
+            if case.startswith("looplm"):
+                print(f"{case} / datatrove: docs/s {ours / theirs:.2f}x, peak memory {our_peak / their_peak:.2f}x")
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """One side of bench/curate_bench.py --real, run in its own process so its peak memory is its own:
 
-    python bench/curate_real.py looplm|datatrove INPUT_DIR WORK_DIR --cpus 2
+    python bench/curate_real.py looplm|looplm-local|datatrove INPUT_DIR WORK_DIR --cpus 2
 
 Both sides run the same stages on the same JSONL shards: read, ftfy, language ID (the same fastText lid.176
 model, FineWeb's English >= 0.65), Gopher repetition, Gopher quality, C4 and FineWeb filters with FineWeb's
 settings, MinHash dedup (5-grams, 14 bands x 8 rows, 64-bit), PII (e-mail, IP), and write the kept documents.
 looplm also writes its removed documents and report, and runs exact dedup; it does not tokenize (tokenize: false).
+`looplm` runs on Ray Data (a local Ray of `--cpus` CPUs), `looplm-local` with `executor: local` (this process and
+a pool of `--cpus` workers, no Ray).
 Prints one JSON line: {"side", "docs", "kept", "seconds"}.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 PHASES: dict[str, float] = {}  # looplm's own timer per phase, printed with the result
 
 
-def run_looplm(inputs: Path, work: Path, cpus: int) -> int:
+def run_looplm(inputs: Path, work: Path, cpus: int, executor: str = "ray") -> int:
     from looplm.pipelines.curate import CurateConfig, run
     from looplm.pipelines.curation.checks import YieldConfig
     from looplm.pipelines.sources import SourceConfig
@@ -30,6 +32,7 @@ def run_looplm(inputs: Path, work: Path, cpus: int) -> int:
         progress=False,
         num_cpus=cpus,
         expect=YieldConfig(on_low_yield="warn"),
+        executor=executor,
     )
     report = run(config, work / "looplm")
     PHASES.update(report["seconds_per_phase"], pipeline_seconds=report["seconds"])
@@ -123,14 +126,17 @@ def run_datatrove(inputs: Path, work: Path, cpus: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("side", choices=("looplm", "datatrove"))
+    parser.add_argument("side", choices=("looplm", "looplm-local", "datatrove"))
     parser.add_argument("inputs", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
     docs = sum(1 for path in args.inputs.glob("*.jsonl") for _ in path.open(encoding="utf-8"))
     started = time.perf_counter()
-    kept = (run_looplm if args.side == "looplm" else run_datatrove)(args.inputs, args.work, args.cpus)
+    if args.side == "datatrove":
+        kept = run_datatrove(args.inputs, args.work, args.cpus)
+    else:
+        kept = run_looplm(args.inputs, args.work, args.cpus, "local" if args.side == "looplm-local" else "ray")
     seconds = time.perf_counter() - started
     print(json.dumps({"side": args.side, "docs": docs, "kept": kept, "seconds": round(seconds, 2), "phases": PHASES}))
 
