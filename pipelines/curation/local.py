@@ -44,7 +44,7 @@ WORKER_MODULES = ("looplm.pipelines.curation.stages", "looplm.pipelines.sources"
 
 
 def cpu_count() -> int:
-    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
+    """The CPUs this process may run on (its affinity: a taskset's or cpuset's limit, not the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
