@@ -59,6 +59,7 @@ LOCK_FILE = "_LOCK"
 RUNTIME_FIELDS = frozenset(
     {
         "ray_address",
+        "executor",  # curate: local and Ray Data write the same bytes (test_local_executor_writes_what_ray_data_writes)
         "progress",
         "num_cpus",
         "mlflow_tracking_uri",
