@@ -48,6 +48,10 @@ TEMPLATE_WORDS = ("The", "of", "is", ".", "Who", "the", "?", "Answer", ":")
 MODEL_FIELDS_SET_HERE = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 TRAINING_FIELDS_SET_HERE = ("seed", "stage")
 KV_STRATEGIES = ("per_step", "last_step", "average")
+QUESTION_FORMATS = {
+    "text": (synthetic.multihop_facts, synthetic.multihop_question),
+    "compact": (synthetic.multihop_compact_facts, synthetic.multihop_compact_question),
+}
 
 
 class StudyConfigError(ValueError):
@@ -66,8 +70,19 @@ class MultiHopData:
     train_fraction: float = 0.3  # of all per_layer x relations^hops questions, in training
     test_questions: int = 1000  # held out, never trained on
     seq_len: int = 32  # packed training rows
+    # text: 'The mentor of A is B.', 'Who is the mentor of the teacher of A?\nAnswer: C' (7 and 13 tokens).
+    # compact: 'A mentor B', 'A teacher mentor C' (3 and 4 tokens): the same facts and questions in a third of
+    # the tokens, so the same compute sees each example three times as often.
+    format: str = "text"
+    # The documents are shuffled and packed this many times over (each a different order): with one packing the
+    # same rows repeat every epoch and a small model spends its capacity learning which document follows which.
+    packings: int = 1
 
     def __post_init__(self) -> None:
+        if self.packings < 1:
+            raise ValueError(f"packings must be at least 1, got {self.packings}")
+        if self.format not in QUESTION_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(QUESTION_FORMATS)}, got {self.format!r}")
         if self.hops < 1 or self.hops >= self.num_layers:
             raise ValueError(f"hops must lie in 1..num_layers-1 ({self.num_layers - 1}), got {self.hops}")
         if not 0.0 <= self.train_fraction < 1.0:
@@ -194,26 +209,34 @@ def build_data(data: MultiHopData, eval_settings: StudyEval) -> StudyData:
     world = synthetic.multihop_world(
         seed=data.seed, num_layers=data.num_layers, per_layer=data.per_layer, num_relations=data.num_relations
     )
+    facts, question = QUESTION_FORMATS[data.format]
     train_qa, test_qa = synthetic.multihop_split(
-        world, hops=data.hops, train_count=data.train_questions, test_count=data.test_questions, seed=data.seed
+        world, data.hops, data.train_questions, data.test_questions, data.seed, question=question
     )
     words = [*TEMPLATE_WORDS, *world.relations, *(p for layer in world.layers for p in layer)]
     tokenizer = word_tokenizer(words)
     pad_id, eod_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(END_OF_DOCUMENT)
-    documents = synthetic.multihop_facts(world) + [qa.text for qa in train_qa]
-    random.Random(data.seed + 1).shuffle(documents)
+    documents = facts(world) + [qa.text for qa in train_qa]
     encoded = [e.ids for e in tokenizer.encode_batch(documents)]
     if any(tokenizer.token_to_id(UNKNOWN) in ids for ids in encoded):
         raise RuntimeError("the study tokenizer does not cover its own corpus")  # a bug here, not a user error
-    train_rows = pack_documents(encoded, eod_id, data.seq_len)
+    order = random.Random(data.seed + 1)
+    packings = []
+    for _ in range(data.packings):
+        order.shuffle(encoded)
+        packings.append(pack_documents(encoded, eod_id, data.seq_len))
+    train_rows = torch.cat(packings)
     valid_texts = [qa.text for qa in test_qa]
     valid_rows = pack_documents((e.ids for e in tokenizer.encode_batch(valid_texts)), eod_id, data.seq_len)
+    # A compact question has no words that say where it starts; in training every document but a row's first
+    # follows <eod>, so a compact prompt starts with it too.
+    start = f"{END_OF_DOCUMENT} " if data.format == "compact" else ""
     return StudyData(
         tokenizer=tokenizer,
         train_rows=train_rows,
         valid_rows=valid_rows[: eval_settings.loss_rows],
-        test=[(qa.question, f" {qa.answer}") for qa in test_qa],
-        train_items=[(qa.question, f" {qa.answer}") for qa in train_qa[: eval_settings.train_questions]],
+        test=[(start + qa.question, f" {qa.answer}") for qa in test_qa],
+        train_items=[(start + qa.question, f" {qa.answer}") for qa in train_qa[: eval_settings.train_questions]],
         pad_id=pad_id,
         eod_id=eod_id,
     )

@@ -8,6 +8,7 @@ attribute, sentence order and templates drawn per biography. Same seed, same cor
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _SYLLABLES = ("ka", "lo", "mi", "ra", "den", "sa", "vel", "tor", "an", "bri", "co", "el", "fi", "gar", "hu", "is")
@@ -255,13 +256,32 @@ def multihop_question(world: MultiHopWorld, start: str, chain: tuple[str, ...]) 
     return QA(f"Who is the {relations} of {start}?\nAnswer:", world.follow(start, chain))
 
 
+# The compact form: one token per person and relation, relations in the order they apply, no template words
+# (Wang et al. 2024, "Grokked transformers are implicit reasoners"). A fact is 'A instructor B'; the question
+# 'Who is the mentor of the instructor of A?' is 'A instructor mentor' with the same answer.
+
+
+def multihop_compact_facts(world: MultiHopWorld) -> list[str]:
+    return [f"{person} {relation} {target}" for (person, relation), target in world.links.items()]
+
+
+def multihop_compact_question(world: MultiHopWorld, start: str, chain: tuple[str, ...]) -> QA:
+    return QA(" ".join((start, *reversed(chain))), world.follow(start, chain))
+
+
 def multihop_split(
-    world: MultiHopWorld, hops: int = 3, train_count: int = 120_000, test_count: int = 3000, seed: int = 0
+    world: MultiHopWorld,
+    hops: int = 3,
+    train_count: int = 120_000,
+    test_count: int = 3000,
+    seed: int = 0,
+    question: Callable[[MultiHopWorld, str, tuple[str, ...]], QA] = multihop_question,
 ) -> tuple[list[QA], list[QA]]:
     """Disjoint train and test k-hop questions from layer 0 (there are per_layer x |R|^k in all).
 
     The test set depends only on (world, hops, test_count, seed), not on train_count, so every consumer (the
-    curation's decontamination, the evaluation step) sees the same held-out questions.
+    curation's decontamination, the evaluation step) sees the same held-out questions, in either form
+    (`question`: multihop_question or multihop_compact_question).
     """
     starts, relations = world.layers[0], world.relations
     total = len(starts) * len(relations) ** hops
@@ -278,7 +298,7 @@ def multihop_split(
         for _ in range(hops):
             index, r = divmod(index, len(relations))
             chain.append(relations[r])
-        return multihop_question(world, starts[start], tuple(chain))
+        return question(world, starts[start], tuple(chain))
 
     return [decode(i) for i in train], [decode(i) for i in test]
 

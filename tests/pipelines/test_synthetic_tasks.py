@@ -67,6 +67,23 @@ def test_multihop_test_set_is_held_out_and_independent_of_train_size():
         synthetic.multihop_split(world, train_count=800_000, test_count=3000)
 
 
+def test_compact_questions_are_the_text_questions_relations_in_the_order_they_apply():
+    world = synthetic.multihop_world(seed=0)
+    start = world.layers[0][3]
+    compact = synthetic.multihop_compact_question(world, start, ("teacher", "mentor", "coach"))
+    assert compact.question == f"{start} coach mentor teacher"  # coach applies first
+    assert compact.answer == world.follow(start, ("teacher", "mentor", "coach"))
+    assert f"{start} coach {world.links[(start, 'coach')]}" in synthetic.multihop_compact_facts(world)
+    text_train, text_test = synthetic.multihop_split(world, train_count=300, test_count=200, seed=1)
+    train, test = synthetic.multihop_split(
+        world, train_count=300, test_count=200, seed=1, question=synthetic.multihop_compact_question
+    )
+    for ours, theirs in zip(train + test, text_train + text_test, strict=True):  # the same split, question by question
+        first, *relations = ours.question.split()
+        chain = tuple(reversed(relations))
+        assert theirs == synthetic.multihop_question(world, first, chain) and ours.answer == theirs.answer
+
+
 def test_profile_pages_are_deterministic_and_carry_every_attribute():
     pages = synthetic.profile_pages(5, seed=2, people_per_page=3)
     assert pages == synthetic.profile_pages(5, seed=2, people_per_page=3)
