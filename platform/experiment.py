@@ -154,7 +154,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, *, qui
                 kind.fn,
                 member_config,
                 inputs=upstream_steps,
-                num_cpus=kind.num_cpus,
+                num_cpus=kind.num_cpus(member_config) if callable(kind.num_cpus) else kind.num_cpus,
                 cacheable=kind.cacheable,
             )
         if kind.expand is not None:

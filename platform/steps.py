@@ -13,8 +13,9 @@
 Inputs by role: a step's config names its inputs by placeholder (`data.manifest: "@curate"`, `train.init_from_hf:
 "@pretrain"`, `model: "@gate"`), which `KINDS[kind].fill` writes from the experiment's `inputs:` so that the hash
 covers the upstream step (through its hash), never a machine's path; at run time the step replaces the
-placeholder with the upstream folder. The steps that only orchestrate Ray work (curate: Ray Data; pretrain:
-Ray Train) take no CPU themselves (num_cpus=0), or their own workers could never be scheduled on a small node.
+placeholder with the upstream folder. The steps that only orchestrate Ray work (curate on Ray Data; pretrain:
+Ray Train) take no CPU themselves (num_cpus=0), or their own workers could never be scheduled on a small node;
+curate with `executor: local` runs its pool inside its task, so that task reserves the pool's CPUs.
 
 A kind with `expand` is a matrix: one YAML step becomes several executor steps (`study_train` -> one per model
 and seed, named `<step>.<model>.s<seed>`), each hashed and cached on its own, so adding a seed or a model trains
@@ -481,7 +482,7 @@ class Kind:
     fn: Callable[..., Any]
     roles: tuple[str, ...]  # the inputs it takes
     required: tuple[str, ...] = ()
-    num_cpus: float = 1.0
+    num_cpus: float | Callable[[Any], float] = 1.0  # or (config) -> the CPUs its task reserves
     cacheable: bool = True  # False: runs every time (a deploy step: its endpoint lives only while served)
     # (config as plain data, {role: upstream step name}) -> the data with each input's placeholder written in
     fill: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = field(default=lambda data, inputs: data)
@@ -507,8 +508,16 @@ def _fill_evaluate(data: dict[str, Any], inputs: dict[str, str]) -> dict[str, An
     return data
 
 
+def _curate_cpus(config: CurateConfig) -> float:
+    """On Ray Data the work runs in Ray Data's own tasks; the local executor's pool runs inside the step's task,
+    so the task reserves the pool's CPUs (all of this machine's when num_cpus is unset)."""
+    if config.executor == "ray":
+        return 0
+    return config.num_cpus or len(os.sched_getaffinity(0))
+
+
 KINDS: dict[str, Kind] = {
-    "curate": Kind(CurateConfig, curate_step, roles=(), num_cpus=0),
+    "curate": Kind(CurateConfig, curate_step, roles=(), num_cpus=_curate_cpus),
     "pretrain": Kind(PretrainConfig, pretrain_step, roles=("data", "init"), num_cpus=0, fill=_fill_pretrain),
     "upcycle": Kind(UpcycleConfig, upcycle_step, roles=("model",), required=("model",)),
     "evaluate": Kind(

@@ -51,6 +51,10 @@ def test_the_demo_experiment_maps_onto_the_configs_with_step_placeholders():
     deploy = experiment.step("deploy")
     assert deploy.inputs["model"].name == "register" and not deploy.cacheable
     assert experiment.step("pretrain").num_cpus == 0  # starts Ray Train from inside its task
+    assert experiment.step("curate").num_cpus == 0  # Ray Data schedules its own tasks
+    # The local executor's pool runs inside the step's task, which therefore reserves the pool's CPUs.
+    local = load_experiment(DEMO, ["steps.curate.config.executor=local", "steps.curate.config.num_cpus=2"])
+    assert local.step("curate").num_cpus == 2
 
 
 def test_the_ouro_recipe_is_one_chain_handing_off_by_hash(tmp_path):
