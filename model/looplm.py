@@ -265,6 +265,7 @@ class LoopLM(nn.Module):
         return_logits: bool = True,
         return_kv: bool = False,
         probe: torch.Tensor | None = None,
+        shared_kv: list[KV] | None = None,
     ) -> LoopLMOutput:
         """Run the loop T = num_steps times (default: the config's total_ut_steps) over a [batch, seq] batch.
 
@@ -273,6 +274,10 @@ class LoopLM(nn.Module):
         (objectives.py), so that T full-vocabulary logit tensors are never alive together. probe: a
         [batch, seq, hidden] displacement; the last pass is run once more on its input + probe and the result
         returned as probed_last (the contraction estimate of objectives.py compares it with h_T).
+        shared_kv: one (keys, values) per layer for every position, e.g. step T's of an earlier forward over the
+        same ids; every pass then attends to these for the earlier positions and to its own for the position
+        itself, which is what decoding with a shared KV cache (`last_step`, `average`) does, here for all
+        positions at once (the shared-KV loss of objectives.py trains on it).
         """
         steps = self.config.total_ut_steps if num_steps is None else num_steps
         if steps < 1:
@@ -285,6 +290,8 @@ class LoopLM(nn.Module):
         embedding = h = self.model.embed_tokens(input_ids)
         positions, mask = positions_and_mask(attention_mask, batch, seq, input_ids.device)
         cos, sin = self.rope(positions, h.dtype)
+        if shared_kv is not None:
+            mask = shared_kv_mask(mask, batch, seq, input_ids.device)
         hidden_states, gate_logits, kv = [], [], []
         probed_last = None
         for t in range(steps):
@@ -292,7 +299,7 @@ class LoopLM(nn.Module):
                 h = self.pass_input(h, embedding)
             if probe is not None and t == steps - 1:
                 probed_last, _ = self.recurrent_step(h + probe.to(h.dtype), cos, sin, mask)
-            h, step_kv = self.recurrent_step(h, cos, sin, mask)
+            h, step_kv = self.recurrent_step(h, cos, sin, mask, shared_kv)
             hidden_states.append(h)
             gate_logits.append(self.exit_gate(h))
             if return_kv:
@@ -345,3 +352,13 @@ def positions_and_mask(
     mask = causal[None] & real[:, None, :]
     mask |= torch.eye(seq, dtype=torch.bool, device=device)[None]
     return positions, mask[:, None]
+
+
+def shared_kv_mask(mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """The [batch, 1, seq, 2 seq] mask over (shared keys, own keys) of a forward with shared_kv: a query sees the
+    shared keys of the positions before it (and not padding) and its own key, nothing else of its own pass."""
+    before = torch.ones(seq, seq, dtype=torch.bool, device=device).tril(-1)[None, None]
+    if mask is not None:  # padding: the causal-and-real mask of positions_and_mask, strictly below the diagonal
+        before = before & mask
+    own = torch.eye(seq, dtype=torch.bool, device=device)[None, None]
+    return torch.cat([before.expand(batch, 1, seq, seq), own.expand(batch, 1, seq, seq)], dim=-1)

@@ -11,8 +11,8 @@ Stage II trains the gate alone on a frozen LM:
     L   = (1/T) * sum_{t=2..T} BCE(1 - lambda_t, w_t)
 The sum starts at t = 2 and the normaliser is T, both as the paper writes them.
 
-Two optional Stage I terms aim at a loop that stays good past its trained T and whose steps agree (neither is in
-Ouro; both are off at weight 0, and then nothing extra is computed):
+Three optional Stage I terms aim at a loop that stays good past its trained T and whose steps agree (none is in
+Ouro; all are off at weight 0, and then nothing extra is computed):
 
 - contraction (weight `contraction_penalty`): a finite-difference estimate of the gain of the last pass
   f: x_T -> h_T (the whole shared stack and the final norm),
@@ -32,6 +32,12 @@ Ouro; both are off at weight 0, and then nothing extra is computed):
   (`last_step`) lets step t attend to step T's keys and values, so it is exact when they agree. The stop-gradient
   moves the earlier steps towards step T, never step T's (the per-step quality at T) towards worse earlier
   steps. RoPE rotates K_t and K_T at a position alike, so the term is the same before or after RoPE. 0 at T = 1.
+- shared_kv (weight `shared_kv_loss`): the Stage I loss of a second forward over the same tokens in which every
+  pass attends to the first forward's step-T keys and values for the earlier positions and to its own for the
+  position itself (LoopLM.forward's shared_kv): what `last_step` decoding computes at each position. So the
+  model is trained as it decodes with one shared cache, instead of being pulled towards agreeing keys and
+  values in the hope that decoding follows. Nothing is detached: step T's keys and values also learn to serve
+  the earlier passes. It costs a second forward and backward.
 
 Per-step cross-entropy is computed one step at a time, and the LM head plus the loss of a step run under
 activation checkpointing: only h_t is kept for backward and the step's [batch, seq, vocab] logits are rebuilt
@@ -46,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .looplm import LoopLM, exit_distribution
+from .looplm import LoopLM, LoopLMOutput, exit_distribution
 
 IGNORE_INDEX = -100
 STAGE2_K = 50.0
@@ -65,6 +71,7 @@ class LossOutput:
     num_tokens: int
     contraction: torch.Tensor | None = None  # the contraction estimate c (detached), when its weight is > 0
     kv_consistency: torch.Tensor | None = None  # the KV consistency term (detached), when its weight is > 0
+    shared_kv: torch.Tensor | None = None  # the shared-KV forward's Stage I loss (detached), when its weight is > 0
 
 
 def contraction_probe(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -120,17 +127,18 @@ def stage1_loss(
     attention_mask: torch.Tensor | None = None,
     contraction_penalty: float = 0.0,
     kv_consistency: float = 0.0,
+    shared_kv_loss: float = 0.0,
     probe_seed: int = 0,
 ) -> LossOutput:
     """Stage I: expected per-step CE under the exit distribution minus beta times its entropy, plus the optional
-    loop-robust terms (module docstring) with weights contraction_penalty and kv_consistency.
+    loop-robust terms (module docstring) with weights contraction_penalty, kv_consistency and shared_kv_loss.
 
     labels[b, i] is the token that follows position i (already shifted), IGNORE_INDEX where not counted.
     probe_seed draws the contraction probe.
     """
     counted = _check_labels(input_ids, labels)
-    if contraction_penalty < 0 or kv_consistency < 0:
-        raise ValueError(f"penalty weights must be >= 0, got {contraction_penalty=} and {kv_consistency=}")
+    if min(contraction_penalty, kv_consistency, shared_kv_loss) < 0:
+        raise ValueError(f"weights must be >= 0, got {contraction_penalty=}, {kv_consistency=}, {shared_kv_loss=}")
     probe = None
     if contraction_penalty > 0:
         shape = (*input_ids.shape, model.config.hidden_size)
@@ -140,20 +148,13 @@ def stage1_loss(
         num_steps,
         attention_mask=attention_mask,
         return_logits=False,
-        return_kv=kv_consistency > 0,
+        return_kv=kv_consistency > 0 or shared_kv_loss > 0,
         probe=probe,
     )
-    p = out.exit_probs  # [batch, seq, T], fp32
-    expected_ce = torch.zeros_like(p[..., 0])
-    ce_means = []
-    for t, h in enumerate(out.hidden_states):
-        ce = step_token_losses(model, h, labels)
-        expected_ce = expected_ce + p[..., t] * ce
-        ce_means.append(ce[counted].mean().detach())
-    entropy = -torch.special.xlogy(p, p).sum(-1)
-    per_token = expected_ce - beta * entropy
+    per_token, ce_means, entropy = _stage1_per_token(model, out, labels, counted, beta)
     loss = per_token[counted].mean()
-    contraction = consistency = None
+    p = out.exit_probs
+    contraction = consistency = shared = None
     if probe is not None:
         difference = (out.probed_last.float() - out.hidden_states[-1].float()).pow(2).sum()
         contraction = difference / probe.pow(2).sum()
@@ -161,6 +162,10 @@ def stage1_loss(
     if kv_consistency > 0:
         consistency = kv_consistency_term(out.kv)
         loss = loss + kv_consistency * consistency
+    if shared_kv_loss > 0:
+        again = model(input_ids, num_steps, attention_mask=attention_mask, return_logits=False, shared_kv=out.kv[-1])
+        shared = _stage1_per_token(model, again, labels, counted, beta)[0][counted].mean()
+        loss = loss + shared_kv_loss * shared
     return LossOutput(
         loss=loss,
         ce_per_step=torch.stack(ce_means),
@@ -169,7 +174,23 @@ def stage1_loss(
         num_tokens=int(counted.sum()),
         contraction=None if contraction is None else contraction.detach(),
         kv_consistency=None if consistency is None else consistency.detach(),
+        shared_kv=None if shared is None else shared.detach(),
     )
+
+
+def _stage1_per_token(
+    model: LoopLM, out: LoopLMOutput, labels: torch.Tensor, counted: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Per token: sum_t p_t CE_t - beta H(p) [batch, seq]; the mean CE of each step (detached); H(p)."""
+    p = out.exit_probs  # [batch, seq, T], fp32
+    expected_ce = torch.zeros_like(p[..., 0])
+    ce_means = []
+    for t, h in enumerate(out.hidden_states):
+        ce = step_token_losses(model, h, labels)
+        expected_ce = expected_ce + p[..., t] * ce
+        ce_means.append(ce[counted].mean().detach())
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    return expected_ce - beta * entropy, ce_means, entropy
 
 
 def stage2_loss(

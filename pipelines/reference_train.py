@@ -9,6 +9,9 @@ Loop-robust options (not in Ouro), the Megatron trainer's loop.* fields under th
   seed and the step (the Megatron trainer draws the same T; the batches stay those of a fixed-T run);
 - contraction_penalty, kv_consistency: weights of the Stage I terms of `looplm.model.objectives`, logged unweighted
   as `contraction` and `kv_consistency`; the contraction probe of step s is drawn from `schedules.probe_seed_at`.
+- shared_kv_loss: the weight of the Stage I loss of a forward run as `last_step` decoding runs (objectives.py),
+  logged unweighted as `shared_kv`. An option of this trainer only, for the KV-sharing study: the Megatron
+  trainer has no such field yet.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class TrainSettings:
     random_steps: tuple[int, int] | None = None  # T of each step drawn from lo..hi inclusive; None: num_steps
     contraction_penalty: float = 0.0  # weight of the last pass's contraction estimate (Stage I)
     kv_consistency: float = 0.0  # weight of the step-t vs step-T keys and values term (Stage I)
+    shared_kv_loss: float = (
+        0.0  # weight of the loss of a forward run as `last_step` decodes (Stage I; no Megatron twin)
+    )
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
@@ -51,7 +57,7 @@ class TrainSettings:
             raise ValueError("steps and batch_size must be positive")
         if self.random_steps is not None and not 1 <= self.random_steps[0] <= self.random_steps[1]:
             raise ValueError(f"random_steps (lo, hi) needs 1 <= lo <= hi, got {self.random_steps!r}")
-        for name in ("contraction_penalty", "kv_consistency"):
+        for name in ("contraction_penalty", "kv_consistency", "shared_kv_loss"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
@@ -122,6 +128,7 @@ def train(
                 num_steps=num_steps,
                 contraction_penalty=settings.contraction_penalty,
                 kv_consistency=settings.kv_consistency,
+                shared_kv_loss=settings.shared_kv_loss,
                 probe_seed=schedules.probe_seed_at(step, settings.seed),
             )
         else:
@@ -148,6 +155,7 @@ def train(
                 "recurrent_steps": len(out.ce_per_step),
                 **({"contraction": out.contraction.item()} if out.contraction is not None else {}),
                 **({"kv_consistency": out.kv_consistency.item()} if out.kv_consistency is not None else {}),
+                **({"shared_kv": out.shared_kv.item()} if out.shared_kv is not None else {}),
                 **{f"ce_step_{t + 1}": v for t, v in enumerate(out.ce_per_step.tolist())},
                 **{f"exit_prob_step_{t + 1}": v for t, v in enumerate(out.exit_probs_mean.tolist())},
             }
