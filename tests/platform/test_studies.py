@@ -46,6 +46,16 @@ def test_a_field_the_model_or_trainer_does_not_know_is_an_error_naming_it():
         load_experiment(REPO / "configs" / "demo.yaml", quick=True)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_file_loads_full_and_quick_with_every_model_checked(path):
+    """Loading builds every model's LoopLMConfig and TrainSettings, so a field that the model or trainer no longer
+    knows fails here, not an hour into a run."""
+    for quick in (False, True):
+        experiment = load_experiment(path, quick=quick)
+        names = [s.name for s in experiment.steps]
+        assert names[-1] == "report" and len(names) > 2 and all(n.startswith("train.") for n in names[:-1])
+
+
 def test_the_matrix_is_one_cached_step_per_model_and_seed(tmp_path):
     experiment = load_experiment(MULTIHOP, [f"root={tmp_path}"], quick=True)
     names = [s.name for s in experiment.steps]
