@@ -48,9 +48,11 @@ TEMPLATE_WORDS = ("The", "of", "is", ".", "Who", "the", "?", "Answer", ":")
 MODEL_FIELDS_SET_HERE = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 TRAINING_FIELDS_SET_HERE = ("seed", "stage")
 KV_STRATEGIES = ("per_step", "last_step", "average")
+# format -> (facts, question, what a test prompt starts with). A compact question has no words that say where it
+# starts; in training every document but a row's first follows <eod>, so a compact prompt starts with it too.
 QUESTION_FORMATS = {
-    "text": (synthetic.multihop_facts, synthetic.multihop_question),
-    "compact": (synthetic.multihop_compact_facts, synthetic.multihop_compact_question),
+    "text": (synthetic.multihop_facts, synthetic.multihop_question, ""),
+    "compact": (synthetic.multihop_compact_facts, synthetic.multihop_compact_question, f"{END_OF_DOCUMENT} "),
 }
 
 
@@ -209,7 +211,7 @@ def build_data(data: MultiHopData, eval_settings: StudyEval) -> StudyData:
     world = synthetic.multihop_world(
         seed=data.seed, num_layers=data.num_layers, per_layer=data.per_layer, num_relations=data.num_relations
     )
-    facts, question = QUESTION_FORMATS[data.format]
+    facts, question, start = QUESTION_FORMATS[data.format]
     train_qa, test_qa = synthetic.multihop_split(
         world, data.hops, data.train_questions, data.test_questions, data.seed, question=question
     )
@@ -228,9 +230,6 @@ def build_data(data: MultiHopData, eval_settings: StudyEval) -> StudyData:
     train_rows = torch.cat(packings)
     valid_texts = [qa.text for qa in test_qa]
     valid_rows = pack_documents((e.ids for e in tokenizer.encode_batch(valid_texts)), eod_id, data.seq_len)
-    # A compact question has no words that say where it starts; in training every document but a row's first
-    # follows <eod>, so a compact prompt starts with it too.
-    start = f"{END_OF_DOCUMENT} " if data.format == "compact" else ""
     return StudyData(
         tokenizer=tokenizer,
         train_rows=train_rows,

@@ -513,7 +513,9 @@ def _curate_cpus(config: CurateConfig) -> float:
     so the task reserves the pool's CPUs (all of this machine's when num_cpus is unset)."""
     if config.executor == "ray":
         return 0
-    return config.num_cpus or len(os.sched_getaffinity(0))
+    from looplm.pipelines.curation.local import cpu_count  # pandas: only for a local curate step
+
+    return config.num_cpus or cpu_count()
 
 
 KINDS: dict[str, Kind] = {
