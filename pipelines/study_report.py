@@ -202,6 +202,33 @@ def plot_early_exit(name: str, entry: dict[str, Any]):
     return fig
 
 
+def plot_kv_sharing(models: dict[str, dict[str, Any]]):
+    """Per model with a KV measurement: the NLL of each strategy's own greedy continuations (full recomputation) and
+    their token agreement with `per_step`, mean over seeds."""
+    plt = pyplot()
+    measured = {name: entry["kv"] for name, entry in models.items() if entry["kv"]}
+    strategies = list(next(iter(measured.values())))
+    fig, (ax_nll, ax_agree) = plt.subplots(1, 2, figsize=(10, 4.2))
+    width = 0.8 / len(strategies)
+    for i, strategy in enumerate(strategies):
+        xs = [m + (i - (len(strategies) - 1) / 2) * width for m in range(len(measured))]
+        ax_nll.bar(xs, [kv[strategy]["nll"] for kv in measured.values()], width, label=strategy)
+        ax_agree.bar(xs, [kv[strategy]["agreement"] for kv in measured.values()], width, label=strategy)
+    for ax in (ax_nll, ax_agree):
+        ax.set_xticks(range(len(measured)), [f"{name} ({_shape(models[name])})" for name in measured], fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    ax_nll.set_yscale("log")
+    ax_nll.set_ylabel("NLL of its own continuations (nats/token)")
+    ax_nll.set_title("Decoding quality by KV cache")
+    ax_agree.set_ylim(0, 1.05)
+    ax_agree.set_ylabel("token agreement with per_step")
+    ax_agree.set_title("Same tokens as per_step (greedy)")
+    fig.suptitle("KV sharing at decode time, mean over seeds")
+    fig.tight_layout()
+    return fig
+
+
 def _shape(entry: dict[str, Any]) -> str:
     return f"{entry['num_layers']}⊗{entry['total_ut_steps']}"
 
@@ -216,6 +243,8 @@ def write_plots(models: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
     for name, entry in models.items():
         if entry["exit_curves"]:
             figures[f"early_exit_{name}.png"] = plot_early_exit(name, entry)
+    if any(entry["kv"] for entry in models.values()):
+        figures["kv_sharing.png"] = plot_kv_sharing(models)
     paths = []
     for file, figure in figures.items():
         path = folder / file

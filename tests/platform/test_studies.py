@@ -1,6 +1,7 @@
-"""The studies (docs/studies.md) as experiments: the quick multi-hop study runs through the executor on a real
-local Ray with a real MLflow server; its MLflow runs, metrics and plots are checked, its exact match against the
-reasoning evaluation's independent computation, and the gap's interval against scipy's Welch test.
+"""The studies (docs/studies.md) as experiments: the quick variant of every study runs through the executor on a
+real local Ray with a real MLflow server. Their MLflow runs, metrics and plots are checked; exact match against the
+reasoning evaluation's independent computation (at passes past T for loop-robust training), the KV figures against
+a cacheless greedy decode, and the gap's interval against scipy's Welch test.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from looplm.platform.experiment import load_experiment, run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 MULTIHOP = REPO / "configs" / "studies" / "multihop.yaml"
+LOOP_ROBUST = REPO / "configs" / "studies" / "loop-robust.yaml"
+KV_SHARING = REPO / "configs" / "studies" / "kv-sharing.yaml"
 MODELS = ("looped", "iso_param", "iso_flop")
 
 
@@ -112,7 +115,10 @@ def test_quick_multihop_study_through_the_executor_lands_in_mlflow(tmp_path, mlf
 
     report = nested["report"]
     plots = {Path(a.path).name for a in client.list_artifacts(report.info.run_id, "plots")}
-    assert plots == {"exact_match_by_pass.png", "val_loss_by_pass.png", "compute_quality.png", "early_exit_looped.png"}
+    assert plots == {
+        "exact_match_by_pass.png", "val_loss_by_pass.png", "compute_quality.png", "early_exit_looped.png",
+        "kv_sharing.png",
+    }  # fmt: skip
     folder = Path(result.folders["report"])
     for plot in plots:
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,3 +143,134 @@ def test_quick_multihop_study_through_the_executor_lands_in_mlflow(tmp_path, mlf
     items = build_data(step.config.data, step.config.eval).test
     expected = exact_match_by_step(load_pretrained(saved), load_tokenizer(saved), items, max_steps=6)
     assert result.records["train.looped.s1"].exact_match == pytest.approx(expected)
+
+
+def run_quick_study(path: Path, name: str, root: Path, tracking_uri: str):
+    """Run a study's --quick variant through the executor; its parent run id, nested runs by step, and result."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = load_experiment(path, [f"root={root}", f"name={name}"], quick=True)
+    result = run_experiment(experiment, tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("looplm").experiment_id], f"attributes.run_name LIKE '{name}%'"
+    )
+    assert [r.info.run_id for r in runs if r.info.run_name == name] == [result.run_id]
+    nested = {r.data.tags["looplm.step"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.run_id}
+    assert set(nested) == {s.name for s in experiment.steps}
+    assert all(run.info.status == "FINISHED" for run in nested.values())
+    return experiment, result, client, nested
+
+
+def report_plots(client, report, folder: Path) -> set[str]:
+    plots = {Path(a.path).name for a in client.list_artifacts(report.info.run_id, "plots")}
+    for plot in plots:
+        assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return plots
+
+
+@pytest.mark.slow
+def test_quick_loop_robust_study_measures_every_option_past_the_trained_t(tmp_path, mlflow_server, local_ray):
+    experiment, result, client, nested = run_quick_study(LOOP_ROBUST, "robust-test", tmp_path, mlflow_server.url)
+    arms = ("default", "random_steps", "contraction", "reinject", "kv_consistency")
+    assert set(nested) == {f"train.{a}.s{s}" for a in arms for s in (0, 1)} | {"report"}
+
+    def history(arm: str, metric: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(nested[f"train.{arm}.s0"].info.run_id, metric)]
+
+    # Each option reached the trainer: T drawn per batch from [2, 6], the penalties' terms logged, the embedding
+    # re-injected in the saved model; default training runs T = 4 and logs neither penalty.
+    assert set(history("default", "recurrent_steps")) == {4.0}
+    drawn = set(history("random_steps", "recurrent_steps"))
+    assert drawn <= {2.0, 3.0, 4.0, 5.0, 6.0} and len(drawn) > 1
+    assert history("contraction", "contraction") and not history("default", "contraction")
+    assert history("kv_consistency", "kv_consistency") and not history("default", "kv_consistency")
+    saved = {a: json.loads((Path(result.folders[f"train.{a}.s0"]) / "hf" / "config.json").read_text()) for a in arms}
+    assert saved["reinject"]["reinject_embedding"] is True
+    assert not any(saved[a].get("reinject_embedding") for a in arms if a != "reinject")
+
+    for name, run in nested.items():  # T - 2 .. T + 4 passes: 1..8
+        if name != "report":
+            record = result.records[name]
+            assert len(record.exact_match) == len(record.val_loss) == 8
+            assert run.data.metrics["val_loss/t08"] == pytest.approx(record.val_loss[7])
+
+    # The held-out loss at every pass, past the trained T too, equals a cross-entropy computed here from the saved
+    # model's logits at 8 passes (the quick models are too small to answer questions: their exact match is 0).
+    import torch
+    import torch.nn.functional as F
+
+    from looplm.model import load_pretrained
+    from looplm.pipelines.studies import build_data
+
+    step = experiment.step("train.random_steps.s1")
+    rows = build_data(step.config.data, step.config.eval).valid_rows
+    model = load_pretrained(Path(result.folders["train.random_steps.s1"]) / "hf")
+    with torch.no_grad():
+        logits = model(rows[:, :-1], num_steps=8).logits
+    expected = [float(F.cross_entropy(step_logits.flatten(0, 1), rows[:, 1:].flatten())) for step_logits in logits]
+    assert result.records["train.random_steps.s1"].val_loss == pytest.approx(expected, rel=1e-4)
+    assert all(a != b for a, b in zip(expected[:-1], expected[1:], strict=True))  # each pass changes the loss
+
+    report = nested["report"]
+    assert report_plots(client, report, Path(result.folders["report"])) == {
+        "exact_match_by_pass.png", "val_loss_by_pass.png", "compute_quality.png"
+    }  # fmt: skip
+    for arm in arms[1:]:
+        gap = result.records["report"].gaps[f"{arm}-default"]
+        ours = [result.records[f"train.{arm}.s{s}"].exact_match[3] for s in (0, 1)]
+        base = [result.records[f"train.default.s{s}"].exact_match[3] for s in (0, 1)]
+        assert gap["gap"] == pytest.approx(sum(ours) / 2 - sum(base) / 2)
+        assert report.data.metrics[f"gap/{arm}-default/gap"] == pytest.approx(gap["gap"])
+
+
+@pytest.mark.slow
+def test_quick_kv_sharing_study_records_each_cache_against_a_cacheless_decode(tmp_path, mlflow_server, local_ray):
+    import torch
+
+    experiment, result, client, nested = run_quick_study(KV_SHARING, "kv-test", tmp_path, mlflow_server.url)
+    arms = ("default", "kv_consistency", "shared_kv")
+    assert set(nested) == {f"train.{a}.s{s}" for a in arms for s in (0, 1)} | {"report"}
+    run_metrics = {name: run.data.metrics for name, run in nested.items()}
+    assert "shared_kv" in run_metrics["train.shared_kv.s0"] and "shared_kv" not in run_metrics["train.default.s0"]
+    assert "kv_consistency" in run_metrics["train.kv_consistency.s0"]
+    for arm in arms:
+        for seed in (0, 1):
+            metrics, kv = run_metrics[f"train.{arm}.s{seed}"], result.records[f"train.{arm}.s{seed}"].kv
+            assert set(kv) == {"per_step", "last_step", "average"}
+            assert metrics["kv_per_step/agreement"] == 1.0 and metrics["kv_per_step/nll_gap"] == 0.0
+            for strategy, values in kv.items():
+                for key in ("nll", "nll_gap", "agreement", "first_divergence"):
+                    assert metrics[f"kv_{strategy}/{key}"] == pytest.approx(values[key])
+
+    # Independently: greedy decoding by full recomputation (no cache) gives per_step's tokens, and last_step's
+    # agreement with them is the recorded one.
+    from looplm.model import generate, load_pretrained
+    from looplm.model.tokenizer import load_tokenizer
+    from looplm.pipelines.studies import build_data
+
+    step = experiment.step("train.shared_kv.s1")
+    saved = Path(result.folders["train.shared_kv.s1"]) / "hf"
+    model, tokenizer = load_pretrained(saved), load_tokenizer(saved)
+    items = build_data(step.config.data, step.config.eval).test[: step.config.eval.kv_prompts]
+    new_tokens = step.config.eval.kv_new_tokens
+    agreements = []
+    with torch.no_grad():
+        for question, _ in items:
+            ids = tokenizer.encode(question).ids
+            reference = []
+            for _ in range(new_tokens):
+                logits = model(torch.tensor([ids + reference])).logits[-1]
+                reference.append(int(logits[0, -1].argmax()))
+            shared = generate(model, [ids], max_new_tokens=new_tokens, kv_cache="last_step").tokens[0]
+            agreements.append(sum(a == b for a, b in zip(shared, reference, strict=True)) / new_tokens)
+    kv = result.records["train.shared_kv.s1"].kv
+    assert kv["last_step"]["agreement"] == pytest.approx(sum(agreements) / len(agreements))
+
+    report = nested["report"]
+    plots = report_plots(client, report, Path(result.folders["report"]))
+    assert "kv_sharing.png" in plots
+    table = json.loads((Path(result.folders["report"]) / "study.json").read_text())
+    for arm in arms:
+        seeds = [result.records[f"train.{arm}.s{s}"].kv["last_step"]["nll_gap"] for s in (0, 1)]
+        assert table["models"][arm]["kv"]["last_step"]["nll_gap"] == pytest.approx(sum(seeds) / 2)
