@@ -217,7 +217,7 @@ def plot_kv_sharing(models: dict[str, dict[str, Any]]):
     for ax in (ax_nll, ax_agree):
         ax.set_xticks(range(len(measured)), [f"{name} ({_shape(models[name])})" for name in measured], fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+    ax_nll.legend(fontsize=8)
     ax_nll.set_yscale("log")
     ax_nll.set_ylabel("NLL of its own continuations (nats/token)")
     ax_nll.set_title("Decoding quality by KV cache")

@@ -83,6 +83,7 @@ def test_looplm_mlflow_serves_on_its_port_sends_spilled_runs_and_stops_cleanly(t
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["LOOPLM_TRACKING_SPILL_DIR"] = str(tmp_path / "spill")
+    session_spill = os.environ.get("LOOPLM_TRACKING_SPILL_DIR")
     os.environ["LOOPLM_TRACKING_SPILL_DIR"] = env["LOOPLM_TRACKING_SPILL_DIR"]
     try:  # a pipeline run and its step run, ended while nothing answers at `url`: both spilled
         with (
@@ -94,7 +95,10 @@ def test_looplm_mlflow_serves_on_its_port_sends_spilled_runs_and_stops_cleanly(t
             step.log_text("curve\n", "plots/curve.txt")
         assert len(pending_spills()) == 2
     finally:
-        del os.environ["LOOPLM_TRACKING_SPILL_DIR"]
+        if session_spill is None:
+            del os.environ["LOOPLM_TRACKING_SPILL_DIR"]
+        else:
+            os.environ["LOOPLM_TRACKING_SPILL_DIR"] = session_spill
     command = [sys.executable, "-m", "looplm.platform.cli", "mlflow", "--output", str(tmp_path / "store")]
     process = subprocess.Popen(
         [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
