@@ -1,7 +1,8 @@
 """The studies (docs/studies.md) as experiments: the quick variant of every study runs through the executor on a
-real local Ray with a real MLflow server. Their MLflow runs, metrics and plots are checked; exact match against the
-reasoning evaluation's independent computation (at passes past T for loop-robust training), the KV figures against
-a cacheless greedy decode, and the gap's interval against scipy's Welch test.
+real local Ray with a real MLflow server. Their MLflow runs, metrics and plots are checked; multi-hop exact match
+against the reasoning evaluation's independent computation, the loop-robust held-out loss past T against a
+cross-entropy computed from the saved model, the KV figures against a cacheless greedy decode, and the gap's
+interval against scipy's Welch test.
 """
 
 from __future__ import annotations
@@ -81,70 +82,6 @@ def local_ray():
         yield
 
 
-@pytest.mark.slow
-def test_quick_multihop_study_through_the_executor_lands_in_mlflow(tmp_path, mlflow_server, local_ray):
-    from mlflow.tracking import MlflowClient
-
-    experiment = load_experiment(MULTIHOP, [f"root={tmp_path}", "name=studies-test"], quick=True)
-    result = run_experiment(experiment, tracking_uri=mlflow_server.url)
-
-    client = MlflowClient(mlflow_server.url)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("looplm").experiment_id], "attributes.run_name LIKE 'studies-test%'"
-    )
-    parents = [r for r in runs if r.info.run_name == "studies-test"]
-    assert len(parents) == 1 and parents[0].info.run_id == result.run_id
-    nested = {r.data.tags["looplm.step"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.run_id}
-    assert set(nested) == {f"train.{m}.s{s}" for m in MODELS for s in (0, 1)} | {"report"}
-    for name, run in nested.items():
-        assert run.info.status == "FINISHED", name
-        if name == "report":
-            continue
-        model, seed = name.split(".")[1], name.split(".")[2]
-        assert run.data.tags["looplm.study.model"] == model and run.data.tags["looplm.study.seed"] == seed[1:]
-        record = result.records[name]
-        for t in range(1, 7):  # every model at 1..T+2 passes
-            assert run.data.metrics[f"exact_match/t{t:02d}"] == pytest.approx(record.exact_match[t - 1])
-            assert run.data.metrics[f"val_loss/t{t:02d}"] == pytest.approx(record.val_loss[t - 1])
-        assert len(client.get_metric_history(run.info.run_id, "exact_match_by_pass")) == 6
-        assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3  # the training curve
-    looped = nested["train.looped.s0"].data.metrics
-    assert {"exit_qexit_stage2/avg_steps", "exit_qexit_stage1/exact_match", "exit_hdiff/avg_steps"} <= set(looped)
-    assert {"kv_last_step/nll_gap", "kv_average/agreement", "kv_per_step/nll"} <= set(looped)
-    assert looped["kv_per_step/agreement"] == 1.0
-
-    report = nested["report"]
-    plots = {Path(a.path).name for a in client.list_artifacts(report.info.run_id, "plots")}
-    assert plots == {
-        "exact_match_by_pass.png", "val_loss_by_pass.png", "compute_quality.png", "early_exit_looped.png",
-        "kv_sharing.png",
-    }  # fmt: skip
-    folder = Path(result.folders["report"])
-    for plot in plots:
-        assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = json.loads((folder / "study.json").read_text())
-    for model in MODELS:
-        scores = [result.records[f"train.{model}.s{s}"].exact_match[0] for s in (0, 1)]
-        assert table["models"][model]["exact_match"]["mean"][0] == pytest.approx(sum(scores) / 2)
-    gap = result.records["report"].gaps["looped-iso_param"]
-    looped_at_t = [result.records[f"train.looped.s{s}"].exact_match[3] for s in (0, 1)]
-    iso_at_t = [result.records[f"train.iso_param.s{s}"].exact_match[0] for s in (0, 1)]
-    assert gap["gap"] == pytest.approx(sum(looped_at_t) / 2 - sum(iso_at_t) / 2)
-    assert report.data.metrics["gap/looped-iso_param/gap"] == pytest.approx(gap["gap"])
-
-    # The recorded exact match equals the reasoning evaluation's, computed from the saved model and its tokenizer.
-    from looplm.model import load_pretrained
-    from looplm.model.tokenizer import load_tokenizer
-    from looplm.pipelines.reasoning_eval import exact_match_by_step
-    from looplm.pipelines.studies import build_data
-
-    step = experiment.step("train.looped.s1")
-    saved = Path(result.folders["train.looped.s1"]) / "hf"
-    items = build_data(step.config.data, step.config.eval).test
-    expected = exact_match_by_step(load_pretrained(saved), load_tokenizer(saved), items, max_steps=6)
-    assert result.records["train.looped.s1"].exact_match == pytest.approx(expected)
-
-
 def run_quick_study(path: Path, name: str, root: Path, tracking_uri: str):
     """Run a study's --quick variant through the executor; its parent run id, nested runs by step, and result."""
     from mlflow.tracking import MlflowClient
@@ -167,6 +104,55 @@ def report_plots(client, report, folder: Path) -> set[str]:
     for plot in plots:
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return plots
+
+
+@pytest.mark.slow
+def test_quick_multihop_study_through_the_executor_lands_in_mlflow(tmp_path, mlflow_server, local_ray):
+    experiment, result, client, nested = run_quick_study(MULTIHOP, "studies-test", tmp_path, mlflow_server.url)
+    assert set(nested) == {f"train.{m}.s{s}" for m in MODELS for s in (0, 1)} | {"report"}
+    for name, run in nested.items():
+        if name == "report":
+            continue
+        model, seed = name.split(".")[1], name.split(".")[2]
+        assert run.data.tags["looplm.study.model"] == model and run.data.tags["looplm.study.seed"] == seed[1:]
+        record = result.records[name]
+        for t in range(1, 7):  # every model at 1..T+2 passes
+            assert run.data.metrics[f"exact_match/t{t:02d}"] == pytest.approx(record.exact_match[t - 1])
+            assert run.data.metrics[f"val_loss/t{t:02d}"] == pytest.approx(record.val_loss[t - 1])
+        assert len(client.get_metric_history(run.info.run_id, "exact_match_by_pass")) == 6
+        assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3  # the training curve
+    looped = nested["train.looped.s0"].data.metrics
+    assert {"exit_qexit_stage2/avg_steps", "exit_qexit_stage1/exact_match", "exit_hdiff/avg_steps"} <= set(looped)
+    assert {"kv_last_step/nll_gap", "kv_average/agreement", "kv_per_step/nll"} <= set(looped)
+    assert looped["kv_per_step/agreement"] == 1.0
+
+    report = nested["report"]
+    folder = Path(result.folders["report"])
+    assert report_plots(client, report, folder) == {
+        "exact_match_by_pass.png", "val_loss_by_pass.png", "compute_quality.png", "early_exit_looped.png",
+        "kv_sharing.png",
+    }  # fmt: skip
+    table = json.loads((folder / "study.json").read_text())
+    for model in MODELS:
+        scores = [result.records[f"train.{model}.s{s}"].exact_match[0] for s in (0, 1)]
+        assert table["models"][model]["exact_match"]["mean"][0] == pytest.approx(sum(scores) / 2)
+    gap = result.records["report"].gaps["looped-iso_param"]
+    looped_at_t = [result.records[f"train.looped.s{s}"].exact_match[3] for s in (0, 1)]
+    iso_at_t = [result.records[f"train.iso_param.s{s}"].exact_match[0] for s in (0, 1)]
+    assert gap["gap"] == pytest.approx(sum(looped_at_t) / 2 - sum(iso_at_t) / 2)
+    assert report.data.metrics["gap/looped-iso_param/gap"] == pytest.approx(gap["gap"])
+
+    # The recorded exact match equals the reasoning evaluation's, computed from the saved model and its tokenizer.
+    from looplm.model import load_pretrained
+    from looplm.model.tokenizer import load_tokenizer
+    from looplm.pipelines.reasoning_eval import exact_match_by_step
+    from looplm.pipelines.studies import build_data
+
+    step = experiment.step("train.looped.s1")
+    saved = Path(result.folders["train.looped.s1"]) / "hf"
+    items = build_data(step.config.data, step.config.eval).test
+    expected = exact_match_by_step(load_pretrained(saved), load_tokenizer(saved), items, max_steps=6)
+    assert result.records["train.looped.s1"].exact_match == pytest.approx(expected)
 
 
 @pytest.mark.slow
